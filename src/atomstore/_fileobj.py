@@ -1,0 +1,66 @@
+"""File objects over a descriptor, as ``open()`` builds them, writing
+through the OS boundary."""
+
+from __future__ import annotations
+
+import io
+from typing import IO, Any, Optional
+
+from . import _syscalls
+
+_WRITE_MODES = frozenset({"w", "wt", "tw", "wb", "bw"})
+
+
+def check_write_mode(mode: object) -> bool:
+    """Validate an ``open()`` write mode; return whether it is binary.
+
+    :raises ValueError: ``mode`` reads, appends, updates or is unknown.
+    :raises TypeError: ``mode`` is not a string.
+    """
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, not {type(mode).__name__}")
+    if mode not in _WRITE_MODES:
+        raise ValueError(f"invalid mode {mode!r}: only 'w', 'wt' and 'wb' write a new file")
+    return "b" in mode
+
+
+class _BoundaryFileIO(io.FileIO):
+    """A FileIO whose writes go through :mod:`atomstore._syscalls`."""
+
+    def write(self, data: Any) -> int:
+        return _syscalls.write(self.fileno(), data)
+
+
+def open_fd(
+    fd: int,
+    mode: str,
+    name: str,
+    buffering: int = -1,
+    encoding: Optional[str] = None,
+    errors: Optional[str] = None,
+    newline: Optional[str] = None,
+) -> IO[Any]:
+    """Wrap the writable descriptor ``fd`` as ``open(name, mode, ...)`` would.
+
+    The file object owns ``fd`` and closes it.
+    """
+    binary = check_write_mode(mode)
+    if binary and (encoding is not None or errors is not None or newline is not None):
+        raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
+    if buffering == 0 and not binary:
+        raise ValueError("can't have unbuffered text I/O")
+    raw = _BoundaryFileIO(fd, "wb", closefd=True)
+    raw.name = name
+    if buffering == 0:
+        return raw
+    line_buffering = buffering == 1 and not binary
+    if buffering in (-1, 1):
+        buffering = max(getattr(raw, "_blksize", 0), io.DEFAULT_BUFFER_SIZE)
+    buffer = io.BufferedWriter(raw, buffering)
+    if binary:
+        return buffer
+    if hasattr(io, "text_encoding"):  # Python 3.10+: EncodingWarning as open()
+        encoding = io.text_encoding(encoding, 3)
+    text = io.TextIOWrapper(buffer, encoding, errors, newline, line_buffering)
+    text.mode = mode  # type: ignore[misc]
+    return text

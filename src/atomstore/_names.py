@@ -1,0 +1,58 @@
+"""Names of the library's hidden staging files, and random tokens.
+
+Every file or directory atomstore stages is hidden and carries the same
+mark, ``.<name>.atomstore-<token>.<kind>``, so that a cleanup can tell it
+from the user's own files after a crash left it behind:
+
+* ``tmp``: a file being written by :func:`atomstore.atomic.file`, or a
+  capability probe;
+* ``new``: a tree being written by :func:`atomstore.atomic.folder`, or an
+  old tree about to be removed after an exchange;
+* ``old``: an old tree moved aside by the folder fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+
+_rng = random.Random()
+if hasattr(os, "register_at_fork"):
+    # A forked child must not draw the parent's tokens.
+    os.register_at_fork(after_in_child=_rng.seed)
+
+KINDS = ("tmp", "new", "old")
+# NAME_MAX is 255 bytes on every Linux filesystem; the mark takes 27.
+_BASE_MAX_BYTES = 200
+
+STAGING_RE = re.compile(r"^\.(?P<base>.*)\.atomstore-(?P<token>[0-9a-f]{12})\.(?P<kind>tmp|new|old)$", re.S)
+
+
+def token() -> str:
+    """12 random hex digits; collisions are caught by O_EXCL and retried."""
+    return f"{_rng.getrandbits(48):012x}"
+
+
+def _shorten(base: str) -> str:
+    encoded = os.fsencode(base)
+    if len(encoded) <= _BASE_MAX_BYTES:
+        return base
+    # A cut inside a multi-byte character leaves surrogate escapes, which
+    # encode back to the same bytes: still a valid file name.
+    return os.fsdecode(encoded[:_BASE_MAX_BYTES])
+
+
+def shortened(base: str) -> bool:
+    """Whether ``base`` may have been cut to fit a staging name."""
+    return len(os.fsencode(base)) >= _BASE_MAX_BYTES
+
+
+def staging_name(base: str, kind: str) -> str:
+    """A fresh hidden name for staging ``base`` (``kind`` is in KINDS)."""
+    return f".{_shorten(base)}.atomstore-{token()}.{kind}"
+
+
+def is_staging(name: str) -> bool:
+    """Whether ``name`` is one of the library's staging names."""
+    return name.startswith(".") and STAGING_RE.match(name) is not None

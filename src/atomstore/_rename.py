@@ -1,0 +1,268 @@
+"""The rename layer: no-clobber rename and exchange, with fallbacks.
+
+What a filesystem supports is probed once per device (``st_dev``) per
+process, in a hidden scratch directory, and cached.  The probe also catches
+filesystems that accept the renameat2 flags but silently ignore them (a
+libfuse 3 passthrough returns 0 for RENAME_NOREPLACE and overwrites the
+target): those are treated as not supporting the flags at all, so a flag that
+would be dropped is never passed to them.
+
+Fallbacks, in order:
+
+* no-clobber rename: ``link(src, dst)`` then ``unlink(src)``; where links are
+  refused (EPERM on some FUSE and shared folders, and always for
+  directories), a check that ``dst`` is absent followed by a plain rename.
+  That last resort can clobber a name created between the check and the
+  rename; callers that make unique names are not affected.
+* exchange: none.  :func:`exchange` raises and the caller decides.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from . import _names, _syscalls
+from ._tree import remove_tree
+from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
+
+# renameat2 flags unsupported: EINVAL (FUSE, NFS, ZFS < 2.2, or a kernel that
+# rejects the flag), ENOSYS (old kernel, seccomp), EOPNOTSUPP.
+_FLAGS_REFUSED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+# link(2) refused by the filesystem rather than failing for this one call.
+_LINK_REFUSED = frozenset(
+    {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+)
+
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the filesystem holding a path supports, as probed.
+
+    :ivar noreplace: a rename that refuses to replace (RENAME_NOREPLACE) is
+        honoured.
+    :ivar exchange: an atomic exchange of two names (RENAME_EXCHANGE) is
+        honoured.
+    :ivar hardlinks: ``link()`` works, so a no-clobber rename can fall back to
+        link and unlink.
+    :ivar ignores_flags: the filesystem reported success for a flagged rename
+        but ignored the flag; atomstore never passes it flags.
+    """
+
+    noreplace: bool
+    exchange: bool
+    hardlinks: bool
+    ignores_flags: bool = False
+
+
+# Used where no probe could run (no write permission): try the native call and
+# fall back on its error.
+_ASSUMED = Capabilities(noreplace=True, exchange=True, hardlinks=True)
+_NOTHING = Capabilities(noreplace=False, exchange=False, hardlinks=False)
+
+_cache: Dict[int, Capabilities] = {}
+_lock = threading.Lock()
+
+
+def capabilities(directory: str, device: Optional[int] = None) -> Capabilities:
+    """The capabilities of the filesystem of ``directory`` (probed once)."""
+    if device is None:
+        device = os.stat(directory).st_dev
+    caps = _cache.get(device)
+    if caps is None:
+        with _lock:
+            caps = _cache.get(device)
+            if caps is None:
+                caps = _probe(directory)
+                if caps is not _ASSUMED:
+                    _cache[device] = caps
+    return caps
+
+
+def _write_small(path: str, data: bytes) -> None:
+    fd = _syscalls.open(path, _FILE_FLAGS, 0o600)
+    try:
+        _syscalls.write(fd, data)
+    finally:
+        _syscalls.close(fd)
+
+
+def _read(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _probe(directory: str) -> Capabilities:
+    if not _renameat2_available():
+        return _probe_links(directory, Capabilities(False, False, False))
+    scratch = os.path.join(directory, _names.staging_name("probe", "tmp"))
+    try:
+        _syscalls.mkdir(scratch, 0o700)
+    except OSError:
+        return _ASSUMED  # cannot write here: the operation will say why
+    try:
+        return _probe_in(scratch)
+    except OSError:
+        return _ASSUMED
+    finally:
+        remove_tree(scratch)
+
+
+def _renameat2_available() -> bool:
+    from . import _renameat2
+
+    return _renameat2.AVAILABLE
+
+
+def _probe_in(scratch: str) -> Capabilities:
+    a, b = os.path.join(scratch, "a"), os.path.join(scratch, "b")
+    _write_small(a, b"a")
+    _write_small(b, b"b")
+    noreplace = exchange = ignores = False
+    try:
+        _syscalls.renameat2(a, b, RENAME_NOREPLACE)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            noreplace = True
+        elif e.errno not in _FLAGS_REFUSED:
+            raise
+    else:
+        ignores = True  # returned 0 and replaced b
+        _write_small(a, b"a")
+    if not ignores:
+        try:
+            _syscalls.renameat2(a, b, RENAME_EXCHANGE)
+        except OSError as e:
+            if e.errno not in _FLAGS_REFUSED:
+                raise
+        else:
+            if _read(a) == b"b" and _read(b) == b"a":
+                exchange = True
+            else:
+                ignores, noreplace = True, False
+    if not os.path.lexists(a):
+        _write_small(a, b"a")
+    hardlinks = True
+    try:
+        _syscalls.link(a, os.path.join(scratch, "c"))
+    except OSError as e:
+        if e.errno not in _LINK_REFUSED:
+            raise
+        hardlinks = False
+    return Capabilities(noreplace, exchange, hardlinks, ignores)
+
+
+def _probe_links(directory: str, caps: Capabilities) -> Capabilities:
+    # Without renameat2 only link() is worth knowing; probing it needs a
+    # scratch directory just the same.
+    scratch = os.path.join(directory, _names.staging_name("probe", "tmp"))
+    try:
+        _syscalls.mkdir(scratch, 0o700)
+    except OSError:
+        return Capabilities(False, False, True)
+    try:
+        _write_small(os.path.join(scratch, "a"), b"a")
+        _syscalls.link(os.path.join(scratch, "a"), os.path.join(scratch, "c"))
+    except OSError as e:
+        if e.errno not in _LINK_REFUSED:
+            return Capabilities(False, False, True)
+        return _NOTHING
+    finally:
+        remove_tree(scratch)
+    return Capabilities(False, False, True)
+
+
+def _exists_error(dst: str) -> FileExistsError:
+    return FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+
+
+def rename_noreplace(src: str, dst: str, caps: Capabilities) -> None:
+    """Rename ``src`` to ``dst``, atomically refusing to replace ``dst``.
+
+    :raises FileExistsError: ``dst`` exists; ``src`` is left in place.
+    :raises FileNotFoundError: ``src`` is gone (another process moved it).
+    """
+    if caps.noreplace:
+        try:
+            _syscalls.renameat2(src, dst, RENAME_NOREPLACE)
+            return
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                raise _exists_error(dst) from None
+            if e.errno not in _FLAGS_REFUSED:
+                raise
+    if caps.hardlinks and _link_then_unlink(src, dst):
+        return
+    # Last resort: no atomic way to refuse a replacement exists here.
+    if os.path.lexists(dst):
+        raise _exists_error(dst)
+    _syscalls.rename(src, dst)
+
+
+def _link_then_unlink(src: str, dst: str) -> bool:
+    """The no-clobber fallback; False if this filesystem refuses links."""
+    try:
+        _syscalls.link(src, dst)
+    except OSError as e:
+        if e.errno in _LINK_REFUSED:
+            return False
+        if e.errno != errno.EEXIST:
+            raise
+        if not _same_file(src, dst):
+            raise _exists_error(dst) from None
+        # NFS may retransmit a link() that succeeded and answer EEXIST to the
+        # retry (nfs(5), "soft" and "hard"): the name is ours after all.
+    try:
+        _syscalls.unlink(src)
+    except FileNotFoundError:
+        # Another process moved src between our link and unlink: it won.
+        _syscalls.unlink(dst)
+        raise
+    return True
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samestat(os.lstat(a), os.lstat(b))
+    except OSError:
+        return False
+
+
+def exchange_unsupported(a: str, b: str, cause: Optional[OSError] = None) -> OSError:
+    """The error for a filesystem that cannot exchange ``a`` and ``b``."""
+    detail = f" ({errno.errorcode.get(cause.errno or 0, cause.errno)})" if cause else ""
+    return OSError(
+        errno.EOPNOTSUPP,
+        f"atomic exchange is not supported on this filesystem{detail}",
+        a,
+        None,
+        b,
+    )
+
+
+def exchange(a: str, b: str, caps: Capabilities) -> None:
+    """Atomically exchange the names ``a`` and ``b`` (RENAME_EXCHANGE).
+
+    :raises OSError: errno EOPNOTSUPP where the filesystem cannot do it
+        atomically (or, on overlayfs, not for a lower-layer directory); no
+        name is changed then.
+    """
+    if not caps.exchange:
+        raise exchange_unsupported(a, b)
+    try:
+        _syscalls.renameat2(a, b, RENAME_EXCHANGE)
+    except OSError as e:
+        # overlayfs answers EXDEV for a directory that is not purely in the
+        # upper layer (Documentation/filesystems/overlayfs.rst, "Renaming
+        # directories").
+        if e.errno in _FLAGS_REFUSED or e.errno == errno.EXDEV:
+            raise exchange_unsupported(a, b, e) from e
+        raise

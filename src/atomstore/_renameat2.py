@@ -1,0 +1,137 @@
+"""ctypes binding of renameat2(2) on Linux and renamex_np(2) on macOS.
+
+The C library's ``renameat2`` symbol is used where it exists (glibc 2.28 and
+later); otherwise the system call is made through ``syscall(2)`` with the
+number of the running architecture.  Elsewhere every call fails with ENOSYS
+and the rename layer falls back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import sys
+from typing import Callable, Optional
+
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+
+_AT_FDCWD = -100
+
+# From the kernel's syscall tables (arch/*/entry/syscalls, unistd.h).
+_SYSCALL_NUMBERS = {
+    "x86_64": 316,
+    "amd64": 316,
+    "i386": 353,
+    "i486": 353,
+    "i586": 353,
+    "i686": 353,
+    "aarch64": 276,
+    "arm64": 276,
+    "armv6l": 382,
+    "armv7l": 382,
+    "armv8l": 382,
+    "arm": 382,
+    "riscv64": 276,
+    "loongarch64": 276,
+    "ppc": 357,
+    "ppc64": 357,
+    "ppc64le": 357,
+    "s390x": 347,
+}
+_X32_SYSCALL_BIT = 0x40000000
+
+_Binding = Callable[[bytes, bytes, int], int]
+
+
+def _syscall_number(machine: str, pointer_size: int) -> Optional[int]:
+    """The renameat2 syscall number for ``machine``, or None if unknown."""
+    number = _SYSCALL_NUMBERS.get(machine.lower())
+    if number is not None and machine.lower() in ("x86_64", "amd64"):
+        if pointer_size == 4:  # the x32 ABI: 64-bit kernel, 32-bit pointers
+            number |= _X32_SYSCALL_BIT
+    return number
+
+
+def _linux_binding() -> Optional[_Binding]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        func = libc.renameat2
+    except AttributeError:
+        number = _syscall_number(platform.machine(), ctypes.sizeof(ctypes.c_void_p))
+        if number is None:
+            return None
+        syscall = libc.syscall
+        syscall.restype = ctypes.c_long
+        syscall.argtypes = [
+            ctypes.c_long,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_uint,
+        ]
+
+        def call(src: bytes, dst: bytes, flags: int) -> int:
+            return int(syscall(number, _AT_FDCWD, src, _AT_FDCWD, dst, flags))
+
+        return call
+    func.restype = ctypes.c_int
+    func.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+
+    def call(src: bytes, dst: bytes, flags: int) -> int:
+        return int(func(_AT_FDCWD, src, _AT_FDCWD, dst, flags))
+
+    return call
+
+
+def _darwin_binding() -> Optional[_Binding]:  # pragma: no cover - macOS only
+    # renamex_np(2): RENAME_SWAP 0x2 and RENAME_EXCL 0x4 (sys/stdio.h).
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        func = libc.renamex_np
+    except AttributeError:
+        return None
+    func.restype = ctypes.c_int
+    func.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+
+    def call(src: bytes, dst: bytes, flags: int) -> int:
+        native = (0x4 if flags & RENAME_NOREPLACE else 0) | (
+            0x2 if flags & RENAME_EXCHANGE else 0
+        )
+        return int(func(src, dst, native))
+
+    return call
+
+
+def _binding() -> Optional[_Binding]:
+    if sys.platform.startswith("linux"):
+        return _linux_binding()
+    if sys.platform == "darwin":  # pragma: no cover - macOS only
+        return _darwin_binding()
+    return None  # pragma: no cover - other platforms
+
+
+_call = _binding()
+AVAILABLE = _call is not None
+
+
+def renameat2(src: str, dst: str, flags: int) -> None:
+    """Rename ``src`` to ``dst`` with renameat2 ``flags``.
+
+    :raises OSError: with the errno of the call and both file names; ENOSYS
+        where the platform has no such call.
+    """
+    if _call is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), src, None, dst)
+    if _call(os.fsencode(src), os.fsencode(dst), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), src, None, dst)

@@ -1,0 +1,154 @@
+"""Staging a file and publishing it: the core of every atomic write.
+
+The persistence rules this follows (``DESIGN.md``): the temporary file lives
+in the destination's own directory or on its filesystem; everything is
+written, then the file is fsynced, then renamed; then the directory holding
+the new name is fsynced.  A failed fsync is reported, never retried.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Optional
+
+from . import _names, _rename, _syscalls, _tree
+from ._rename import Capabilities
+
+FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+_ATTEMPTS = 100
+
+
+def open_exclusive(path: str, perms: Optional[int] = None) -> int:
+    """Create ``path`` for writing; never an existing file, never a symlink.
+
+    ``perms`` is set exactly (fchmod); without it the file gets 0o666 minus
+    the umask, as ``open()`` gives.
+    """
+    fd = _syscalls.open(path, FILE_FLAGS, 0o666 if perms is None else perms)
+    if perms is not None:
+        try:
+            _syscalls.fchmod(fd, perms)
+        except BaseException:
+            discard(path, fd)
+            raise
+    return fd
+
+
+def open_temp(
+    directory: str,
+    base: str,
+    perms: Optional[int] = None,
+    like: Optional[os.stat_result] = None,
+) -> "tuple[str, int]":
+    """Create a hidden temporary file for ``base`` in ``directory``.
+
+    :param perms: exact permission bits for the file.
+    :param like: the file being replaced: its owner, group and (unless
+        ``perms`` is given) mode are copied, where the process may.
+    :returns: the temporary file's path and its open descriptor.
+    :raises OSError: naming ``directory`` (missing, not a directory, not
+        writable).
+    """
+    for _ in range(_ATTEMPTS):
+        temp = os.path.join(directory, _names.staging_name(base, "tmp"))
+        try:
+            fd = _syscalls.open(temp, FILE_FLAGS, 0o666 if perms is None else perms)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            # The temporary name means nothing to the caller: name the directory.
+            raise OSError(e.errno, e.strerror, directory) from None
+        try:
+            _copy_metadata(fd, perms, like)
+        except BaseException:
+            discard(temp, fd)
+            raise
+        return temp, fd
+    raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
+
+
+def _copy_metadata(fd: int, perms: Optional[int], like: Optional[os.stat_result]) -> None:
+    if like is not None:
+        if like.st_uid != os.geteuid() or like.st_gid != os.getegid():
+            try:
+                _syscalls.fchown(fd, like.st_uid, like.st_gid)
+            except PermissionError:
+                try:  # a member of the group may keep at least the group
+                    _syscalls.fchown(fd, -1, like.st_gid)
+                except PermissionError:
+                    pass
+        if perms is None:
+            # After the chown: chown(2) clears the set-user-ID bit.
+            perms = stat.S_IMODE(like.st_mode)
+    if perms is not None:
+        _syscalls.fchmod(fd, perms)
+
+
+def write_all(fd: int, data: "bytes | bytearray | memoryview") -> None:
+    """Write all of ``data``, looping over short writes."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = _syscalls.write(fd, view)
+        if written <= 0:  # pragma: no cover - write(2) returns >0 or fails
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[written:]
+
+
+def sync_and_close(fd: int, durable: bool) -> None:
+    """fsync ``fd`` if ``durable``, then close it (closed even on failure)."""
+    try:
+        if durable:
+            _syscalls.fsync(fd)
+    except BaseException:
+        _close_quietly(fd)
+        raise
+    _syscalls.close(fd)
+
+
+def publish(
+    temp: str,
+    dest: str,
+    caps: Optional[Capabilities],
+    durable: bool,
+) -> None:
+    """Rename the complete, closed file ``temp`` to ``dest``.
+
+    :param caps: the capabilities of the filesystem for a no-clobber rename,
+        or None to replace ``dest`` if it exists.
+    :raises FileExistsError: ``dest`` exists and ``caps`` is given; ``temp``
+        is removed.
+    """
+    try:
+        if caps is None:
+            _syscalls.rename(temp, dest)
+        else:
+            _rename.rename_noreplace(temp, dest, caps)
+    except BaseException:
+        unlink_quietly(temp)
+        raise
+    if durable:
+        _tree.sync_dir(os.path.dirname(dest) or ".")
+
+
+def discard(temp: str, fd: Optional[int]) -> None:
+    """Close ``fd`` and remove ``temp``, ignoring errors: a cleanup path."""
+    if fd is not None:
+        _close_quietly(fd)
+    unlink_quietly(temp)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        _syscalls.close(fd)
+    except OSError:
+        pass
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove ``path`` if it is there; errors are ignored (a cleanup path)."""
+    try:
+        _syscalls.unlink(path)
+    except OSError:
+        pass

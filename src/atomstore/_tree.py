@@ -1,0 +1,106 @@
+"""Syncing and removing directory trees, never following a symlink.
+
+Both walk with directory descriptors (``openat`` with O_NOFOLLOW), so a
+directory swapped for a symlink while the walk runs makes it fail instead of
+leading it out of the tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from . import _syscalls
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+_SYNC_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+
+
+def sync_dir(path: str) -> None:
+    """fsync the directory ``path``, making its entries durable."""
+    fd = _syscalls.open(path, _DIR_FLAGS)
+    try:
+        _syscalls.fsync(fd)
+    finally:
+        _syscalls.close(fd)
+
+
+def sync_tree(path: str) -> int:
+    """fsync every regular file and directory below and including ``path``.
+
+    Children are synced before their parent.  Symlinks and special files are
+    not opened: their directory entries are made durable with the directory.
+
+    :returns: the number of fsync calls made.
+    """
+    fd = _syscalls.open(path, _DIR_FLAGS)
+    try:
+        return _sync_contents(fd)
+    finally:
+        _syscalls.close(fd)
+
+
+def _sync_contents(dir_fd: int) -> int:
+    count = 0
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                flags = _DIR_FLAGS
+            elif entry.is_file(follow_symlinks=False):
+                flags = _SYNC_FLAGS
+            else:
+                continue
+            fd = _syscalls.open(entry.name, flags, dir_fd=dir_fd)
+            try:
+                if flags == _DIR_FLAGS:
+                    count += _sync_contents(fd)
+                else:
+                    _syscalls.fsync(fd)
+                    count += 1
+            finally:
+                _syscalls.close(fd)
+    _syscalls.fsync(dir_fd)
+    return count + 1
+
+
+def remove_tree(path: str) -> None:
+    """Remove ``path`` and, if it is a directory, everything below it.
+
+    Entries that vanish meanwhile are ignored: another cleaner may be at work.
+    """
+    parent, name = os.path.split(path)
+    fd = _syscalls.open(parent or ".", _DIR_FLAGS)
+    try:
+        _remove_entry(fd, name)
+    finally:
+        _syscalls.close(fd)
+
+
+def _remove_entry(dir_fd: int, name: str) -> None:
+    try:
+        _syscalls.unlink(name, dir_fd=dir_fd)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        # unlink(2) of a directory: EISDIR on Linux, EPERM in POSIX.
+        if e.errno not in (errno.EISDIR, errno.EPERM):
+            raise
+        refused = e
+    try:
+        fd = _syscalls.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise refused from None  # not a directory after all: keep unlink's error
+        raise
+    try:
+        for child in os.listdir(fd):
+            _remove_entry(fd, child)
+    finally:
+        _syscalls.close(fd)
+    try:
+        _syscalls.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass

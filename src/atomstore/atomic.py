@@ -1,0 +1,517 @@
+"""Atomic replacement of files and directory trees.
+
+Whatever happens to the process or the machine, a destination written with
+this module is either its old version or the complete new one:
+
+* :func:`file` and :func:`write_bytes`/:func:`write_text` write a file;
+* :func:`folder` writes a whole directory tree;
+* :func:`rename` renames without replacing; :func:`swap` exchanges two names;
+* :func:`capabilities` tells what a path's filesystem supports;
+* :func:`clean` removes what a crash left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import io
+import locale
+import os
+import stat
+import time
+from pathlib import Path
+from typing import IO, Any, Iterator, List, Optional, Union
+
+from . import _fileobj, _names, _rename, _staging, _syscalls, _tree
+from ._rename import Capabilities
+
+__all__ = [
+    "Capabilities",
+    "capabilities",
+    "clean",
+    "file",
+    "folder",
+    "rename",
+    "swap",
+    "write_bytes",
+    "write_text",
+]
+
+StrPath = Union[str, "os.PathLike[str]"]
+Duration = Union[float, int, datetime.timedelta]
+
+_REOPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+DEFAULT_STALE_AGE = 36 * 3600.0
+"""Staging files older than this (36 hours, as maildir) are stale."""
+
+
+def fspath(path: object, what: str = "path") -> str:
+    """``path`` as a ``str``, or a TypeError/ValueError naming it."""
+    if isinstance(path, str):
+        result = path
+    elif isinstance(path, os.PathLike):
+        result = os.fspath(path)
+        if not isinstance(result, str):
+            raise TypeError(f"{what} must be str or os.PathLike[str], not bytes: {path!r}")
+    else:
+        raise TypeError(f"{what} must be str or os.PathLike[str], not {type(path).__name__}")
+    if not result:
+        raise ValueError(f"{what} must not be empty")
+    if "\0" in result:
+        raise ValueError(f"{what} contains a NUL character: {result!r}")
+    return result
+
+
+def seconds(value: object, what: str = "older_than") -> float:
+    """A duration in seconds from a number or a ``timedelta``."""
+    if isinstance(value, datetime.timedelta):
+        result = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        result = float(value)
+    else:
+        raise TypeError(f"{what} must be seconds or a timedelta, not {type(value).__name__}")
+    if not result >= 0:
+        raise ValueError(f"{what} must not be negative: {value!r}")
+    return result
+
+
+def _split(dest: str) -> "tuple[str, str]":
+    directory, base = os.path.split(dest)
+    if not base or base in (".", ".."):
+        raise IsADirectoryError(errno.EISDIR, "names a directory, not a file", dest)
+    return directory or ".", base
+
+
+def _target(path: object, follow_symlinks: bool) -> "tuple[str, Optional[os.stat_result]]":
+    """The path to replace and its current status (None if missing)."""
+    dest = fspath(path)
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return dest, None
+    if follow_symlinks and stat.S_ISLNK(st.st_mode):
+        # Replace the link's target and keep the link, as open() writes
+        # through it.
+        dest = os.path.realpath(dest)
+        try:
+            st = os.lstat(dest)
+        except FileNotFoundError:
+            return dest, None
+        if stat.S_ISLNK(st.st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), fspath(path))
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), dest)
+    return dest, st
+
+
+def _exists(dest: str) -> FileExistsError:
+    return FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dest)
+
+
+def _no_clobber_caps(directory: str, fd: int, overwrite: bool) -> Optional[Capabilities]:
+    if overwrite:
+        return None
+    return _rename.capabilities(directory, os.fstat(fd).st_dev)
+
+
+@contextlib.contextmanager
+def file(
+    path: StrPath,
+    mode: str = "w",
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+    follow_symlinks: bool = True,
+    perms: Optional[int] = None,
+    buffering: int = -1,
+    encoding: Optional[str] = None,
+    errors: Optional[str] = None,
+    newline: Optional[str] = None,
+) -> Iterator[IO[Any]]:
+    """Write a file atomically: on success it appears complete at ``path``.
+
+    Yields a file object like ``open(path, mode, ...)`` would, writing to a
+    hidden temporary file next to ``path``.  When the ``with`` block ends
+    normally the data is flushed, fsynced (``durable``), and renamed to
+    ``path``, then the directory is fsynced (``durable``).  When it raises,
+    ``KeyboardInterrupt`` included, the temporary file is removed and
+    ``path`` is untouched.
+
+    :param mode: ``'w'`` (or ``'wt'``) for text, ``'wb'`` for bytes.
+    :param overwrite: replace an existing file; by default an existing file
+        is a :class:`FileExistsError`, raised before anything is written and
+        again, atomically, if the name appears while writing.
+    :param durable: fsync the file and its directory.  Without it, a crash of
+        the machine (not of the process) may lose the new version or, on some
+        filesystems, leave an empty file.
+    :param follow_symlinks: replace the target of a symlink at ``path`` (the
+        link stays); with False the link itself is replaced.
+    :param perms: permission bits of the new file (exactly, whatever the
+        umask); by default a new file gets 0o666 minus the umask and a
+        replaced file keeps its mode, owner and group.
+    :raises FileExistsError: ``path`` exists and ``overwrite`` is False.
+    :raises FileNotFoundError: the parent directory is missing (named).
+    :raises IsADirectoryError: ``path`` is a directory.
+    """
+    _fileobj.check_write_mode(mode)
+    dest, current = _target(path, follow_symlinks)
+    if current is not None and not overwrite:
+        raise _exists(dest)
+    directory, base = _split(dest)
+    temp, fd = _staging.open_temp(directory, base, perms, current)
+    try:
+        f = _fileobj.open_fd(fd, mode, temp, buffering, encoding, errors, newline)
+    except BaseException:
+        _staging.discard(temp, fd)
+        raise
+    try:
+        yield f
+        caps = _finish(f, temp, directory, overwrite, durable)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            f.close()
+        _staging.unlink_quietly(temp)
+        raise
+    _staging.publish(temp, dest, caps, durable)
+
+
+def _finish(
+    f: IO[Any], temp: str, directory: str, overwrite: bool, durable: bool
+) -> Optional[Capabilities]:
+    """Flush, fsync and close the file written by :func:`file`."""
+    if f.closed:
+        # Closed inside the block: its data is written; sync the inode through
+        # a descriptor of our own.
+        fd = _syscalls.open(temp, _REOPEN_FLAGS)
+        caps = _no_clobber_caps(directory, fd, overwrite)
+        _staging.sync_and_close(fd, durable)
+        return caps
+    f.flush()
+    fd = f.fileno()
+    caps = _no_clobber_caps(directory, fd, overwrite)
+    if durable:
+        _syscalls.fsync(fd)
+    f.close()
+    return caps
+
+
+def write_bytes(
+    path: StrPath,
+    data: "bytes | bytearray | memoryview",
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+    follow_symlinks: bool = True,
+    perms: Optional[int] = None,
+) -> None:
+    """Write ``data`` to ``path`` atomically; the keywords are :func:`file`'s.
+
+    The shortest path to a file on disk: no file object is built.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
+    dest, current = _target(path, follow_symlinks)
+    if current is not None and not overwrite:
+        raise _exists(dest)
+    directory, base = _split(dest)
+    temp, fd = _staging.open_temp(directory, base, perms, current)
+    try:
+        _staging.write_all(fd, data)
+        caps = _no_clobber_caps(directory, fd, overwrite)
+    except BaseException:
+        _staging.discard(temp, fd)
+        raise
+    try:
+        _staging.sync_and_close(fd, durable)
+    except BaseException:
+        _staging.unlink_quietly(temp)
+        raise
+    _staging.publish(temp, dest, caps, durable)
+
+
+def write_text(
+    path: StrPath,
+    text: str,
+    encoding: Optional[str] = None,
+    errors: Optional[str] = None,
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+    follow_symlinks: bool = True,
+    perms: Optional[int] = None,
+) -> None:
+    """Write ``text`` to ``path`` atomically, encoded as ``open()`` would.
+
+    The keywords are :func:`file`'s; newlines are written as given.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, not {type(text).__name__}")
+    if hasattr(io, "text_encoding"):  # Python 3.10+: EncodingWarning as open()
+        encoding = io.text_encoding(encoding, 2)
+    elif encoding is None:  # pragma: no cover - Python 3.9
+        encoding = locale.getpreferredencoding(False)
+    data = text.encode(encoding, errors or "strict")
+    write_bytes(
+        path,
+        data,
+        overwrite=overwrite,
+        durable=durable,
+        follow_symlinks=follow_symlinks,
+        perms=perms,
+    )
+
+
+def _existing_dir(dest: str) -> Optional[os.stat_result]:
+    """The status of the directory ``dest``, None if missing.
+
+    :raises NotADirectoryError: ``dest`` is something else, a symlink
+        included: a link is never followed out of its directory.
+    """
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise NotADirectoryError(errno.ENOTDIR, f"destination is {kind}", dest)
+    return st
+
+
+def _make_staging(parent: str, base: str, current: Optional[os.stat_result]) -> str:
+    for _ in range(100):
+        staging = os.path.join(parent, _names.staging_name(base, "new"))
+        try:
+            _syscalls.mkdir(staging, 0o777)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, parent) from None
+        if current is not None:
+            try:
+                _syscalls.chmod(staging, stat.S_IMODE(current.st_mode))
+            except BaseException:
+                _remove_quietly(staging)
+                raise
+        return staging
+    raise FileExistsError(errno.EEXIST, "no free staging name", parent)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        _tree.remove_tree(path)
+    except OSError:
+        pass  # left under its staging name for clean()
+
+
+@contextlib.contextmanager
+def folder(
+    path: StrPath,
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+    allow_fallback: bool = True,
+) -> Iterator[Path]:
+    """Write a directory tree atomically: on success it appears complete.
+
+    Yields the :class:`~pathlib.Path` of an empty hidden staging directory
+    next to ``path``; fill it.  When the ``with`` block ends normally every
+    file and directory of the tree is fsynced (``durable``), then the tree is
+    published: renamed to ``path`` if that is free, or exchanged with the
+    existing tree in one atomic step (RENAME_EXCHANGE) when ``overwrite`` is
+    set, after which the old tree is removed.  When the block raises, the
+    staging tree is removed and ``path`` is untouched.
+
+    :param overwrite: replace an existing directory.
+    :param durable: fsync the whole tree before publishing it, and the parent
+        directory after.
+    :param allow_fallback: where the filesystem cannot exchange atomically
+        (see :func:`capabilities`), replace in steps: move the old tree
+        aside, move the new one in, remove the old.  A crash between the two
+        moves leaves ``path`` missing and the old tree under a hidden name;
+        :func:`clean` puts it back.  With False such a filesystem raises
+        OSError (EOPNOTSUPP) instead and nothing changes.
+    :raises FileExistsError: ``path`` exists and ``overwrite`` is False.
+    :raises NotADirectoryError: ``path`` is not a directory (a symlink
+        included).
+    :raises FileNotFoundError: the parent directory is missing (named).
+    """
+    dest = fspath(path).rstrip(os.sep) or os.sep
+    parent, base = _split(dest)
+    current = _existing_dir(dest)
+    if current is not None and not overwrite:
+        raise _exists(dest)
+    staging = _make_staging(parent, base, current)
+    try:
+        yield Path(staging)
+        if durable:
+            _tree.sync_tree(staging)
+        old = _publish_tree(staging, dest, overwrite, allow_fallback)
+        if durable:
+            _tree.sync_dir(parent)
+    except BaseException:
+        _remove_quietly(staging)
+        raise
+    if old is not None:
+        _remove_quietly(old)
+
+
+def _publish_tree(staging: str, dest: str, overwrite: bool, allow_fallback: bool) -> Optional[str]:
+    """Put the tree ``staging`` at ``dest``; return where the old tree went."""
+    parent = os.path.dirname(staging)
+    caps = _rename.capabilities(parent)
+    if _existing_dir(dest) is None:
+        try:
+            _rename.rename_noreplace(staging, dest, caps)
+            return None
+        except OSError as e:
+            # A plain rename onto a non-empty directory: ENOTEMPTY on ext4,
+            # EEXIST on xfs (rename(2)).
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            if not overwrite:
+                raise _exists(dest) from None
+        _existing_dir(dest)
+    elif not overwrite:
+        raise _exists(dest)
+    try:
+        _rename.exchange(staging, dest, caps)
+        return staging
+    except OSError as e:
+        if e.errno != errno.EOPNOTSUPP or not allow_fallback:
+            raise
+    return _replace_in_steps(staging, dest, caps)
+
+
+def _replace_in_steps(staging: str, dest: str, caps: Capabilities) -> str:
+    """The fallback without an atomic exchange; returns the old tree's path."""
+    parent, base = os.path.split(dest)
+    aside = os.path.join(parent, _names.staging_name(base, "old"))
+    _syscalls.rename(dest, aside)
+    try:
+        _rename.rename_noreplace(staging, dest, caps)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _rename.rename_noreplace(aside, dest, caps)
+        raise
+    return aside
+
+
+def rename(src: StrPath, dst: StrPath, *, overwrite: bool = False, durable: bool = True) -> None:
+    """Rename ``src`` to ``dst`` atomically, by default never replacing ``dst``.
+
+    Where the filesystem lacks RENAME_NOREPLACE, a no-clobber rename falls
+    back to ``link()`` and ``unlink()`` (for a moment both names exist), and
+    where links are refused too, to a check followed by a plain rename,
+    which cannot stop a name that appears in between from being replaced.
+
+    :param durable: fsync the directories of both names.
+    :raises FileExistsError: ``dst`` exists and ``overwrite`` is False.
+    :raises FileNotFoundError: ``src`` does not exist.
+    """
+    src, dst = fspath(src, "src"), fspath(dst, "dst")
+    dst_dir = os.path.dirname(dst) or "."
+    if overwrite:
+        _syscalls.rename(src, dst)
+    else:
+        _rename.rename_noreplace(src, dst, _rename.capabilities(dst_dir))
+    if durable:
+        _sync_dirs(dst_dir, os.path.dirname(src) or ".")
+
+
+def swap(a: StrPath, b: StrPath, *, durable: bool = True) -> None:
+    """Exchange the names ``a`` and ``b`` in one atomic step.
+
+    Both must exist; they may be files or directories.  There is no
+    fallback: a non-atomic swap would expose a moment where one name is
+    missing.
+
+    :param durable: fsync the directories of both names.
+    :raises OSError: errno EOPNOTSUPP where the filesystem cannot exchange
+        atomically (nothing changed); :func:`capabilities` tells beforehand.
+    :raises FileNotFoundError: ``a`` or ``b`` does not exist.
+    """
+    a, b = fspath(a, "a"), fspath(b, "b")
+    a_dir = os.path.dirname(a) or "."
+    _rename.exchange(a, b, _rename.capabilities(a_dir))
+    if durable:
+        _sync_dirs(a_dir, os.path.dirname(b) or ".")
+
+
+def _sync_dirs(first: str, second: str) -> None:
+    _tree.sync_dir(first)
+    if os.path.abspath(second) != os.path.abspath(first):
+        _tree.sync_dir(second)
+
+
+def capabilities(path: StrPath) -> Capabilities:
+    """What the filesystem holding the name ``path`` supports.
+
+    The answer is probed once per filesystem and process, in a hidden
+    scratch directory beside ``path``.  :func:`folder` gets an atomic
+    exchange where ``exchange`` is true, with one exception: on overlayfs a
+    directory that exists only in the lower layer cannot be exchanged, and
+    the fallback is used for it.
+
+    :raises FileNotFoundError: the directory holding ``path`` is missing.
+    """
+    directory = os.path.dirname(os.path.abspath(fspath(path)))
+    return _rename.capabilities(directory)
+
+
+def clean(directory: StrPath, *, older_than: Duration = DEFAULT_STALE_AGE) -> List[str]:
+    """Remove what interrupted writes left in ``directory``.
+
+    Temporary files and staging trees of this library (hidden names marked
+    ``.atomstore-``) whose mtime is older than ``older_than`` are removed.
+    An old tree that the :func:`folder` fallback had moved aside is put back
+    if its destination is missing, else removed.  Younger entries may belong
+    to a writer still at work and are kept.
+
+    :param older_than: seconds or a :class:`datetime.timedelta`; 0 cleans
+        everything, for when no writer can be running.
+    :returns: the paths removed or put back.
+    """
+    top = fspath(directory, "directory")
+    limit = time.time() - seconds(older_than)
+    with os.scandir(top) as entries:
+        stale = [entry for entry in entries if _names.is_staging(entry.name)]
+    cleaned = []
+    for entry in stale:
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime > limit:
+                continue
+            if _restore_aside(entry.path):
+                if os.path.lexists(entry.path):
+                    continue  # kept
+            else:
+                _tree.remove_tree(entry.path)
+        except FileNotFoundError:
+            continue  # another cleaner was faster
+        cleaned.append(entry.path)
+    return cleaned
+
+
+def _restore_aside(path: str) -> bool:
+    """Put back an old tree whose destination went missing.
+
+    :returns: True if ``path`` was put back or must be kept, False if it is
+        to be removed.
+    """
+    match = _names.STAGING_RE.match(os.path.basename(path))
+    if match is None or match["kind"] != "old":
+        return False
+    if _names.shortened(match["base"]):
+        # Its destination's name was cut short: keep what may be the only
+        # copy of the old tree for a human to place.
+        return True
+    dest = os.path.join(os.path.dirname(path), match["base"])
+    if os.path.lexists(dest):
+        return False
+    caps = _rename.capabilities(os.path.dirname(path) or ".")
+    try:
+        _rename.rename_noreplace(path, dest, caps)
+    except FileExistsError:
+        return False
+    return True

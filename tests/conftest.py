@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+import pytest
+
+from atomstore import _rename, _syscalls
+from atomstore._rename import Capabilities
+from tracing import Recorder
+
+
+@pytest.fixture
+def trace() -> Iterator[Recorder]:
+    """Record every call through the OS boundary (and inject faults)."""
+    recorder = Recorder()
+    previous = _syscalls.set_tracer(recorder)
+    try:
+        yield recorder
+    finally:
+        _syscalls.set_tracer(previous)
+
+
+@pytest.fixture
+def fresh_probe() -> Iterator[None]:
+    """Forget the probed capabilities before and after the test."""
+    saved = dict(_rename._cache)
+    _rename._cache.clear()
+    try:
+        yield
+    finally:
+        _rename._cache.clear()
+        _rename._cache.update(saved)
+
+
+@pytest.fixture
+def force_caps(
+    tmp_path: os.PathLike[str], fresh_probe: None
+) -> Callable[..., Capabilities]:
+    """Pretend the test's filesystem has the given capabilities."""
+
+    def force(**flags: bool) -> Capabilities:
+        caps = Capabilities(
+            noreplace=flags.get("noreplace", True),
+            exchange=flags.get("exchange", True),
+            hardlinks=flags.get("hardlinks", True),
+            ignores_flags=flags.get("ignores_flags", False),
+        )
+        _rename._cache[os.stat(tmp_path).st_dev] = caps
+        return caps
+
+    return force

@@ -1,0 +1,422 @@
+"""atomic.file(), write_bytes() and write_text()."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+import pytest
+
+from atomstore import atomic
+from atomstore._rename import Capabilities
+from tracing import Recorder
+
+
+def listing(directory: Path) -> List[str]:
+    return sorted(os.listdir(directory))
+
+
+@pytest.fixture
+def umask() -> Iterator[Callable[[int], None]]:
+    saved = os.umask(0o022)
+    os.umask(saved)
+
+    def set_umask(value: int) -> None:
+        os.umask(value)
+
+    yield set_umask
+    os.umask(saved)
+
+
+def test_text_write_appears_complete(tmp_path: Path) -> None:
+    dest = tmp_path / "config.json"
+    with atomic.file(dest) as f:
+        f.write('{"a": 1}\n')
+        assert not dest.exists()
+    assert dest.read_text() == '{"a": 1}\n'
+    assert listing(tmp_path) == ["config.json"]
+
+
+def test_binary_write(tmp_path: Path) -> None:
+    dest = tmp_path / "blob"
+    with atomic.file(dest, "wb") as f:
+        assert f.write(b"\x00\xff" * 1000) == 2000
+    assert dest.read_bytes() == b"\x00\xff" * 1000
+
+
+@pytest.mark.parametrize("mode", ["w", "wt", "tw"])
+def test_text_modes_and_open_keywords(tmp_path: Path, mode: str) -> None:
+    dest = tmp_path / "latin"
+    with atomic.file(dest, mode, encoding="latin-1", errors="replace", newline="\r\n") as f:
+        assert f.mode == mode
+        f.write("caf\u00e9 \u20ac\nend")
+    assert dest.read_bytes() == b"caf\xe9 ?\r\nend"
+
+
+def test_unbuffered_binary(tmp_path: Path, trace: Recorder) -> None:
+    dest = tmp_path / "raw"
+    with atomic.file(dest, "wb", buffering=0) as f:
+        f.write(b"ab")
+        f.write(b"cd")
+    assert dest.read_bytes() == b"abcd"
+    assert trace.count("write") == 2
+
+
+def test_unbuffered_text_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unbuffered text"):
+        with atomic.file(tmp_path / "x", "w", buffering=0):
+            pass  # pragma: no cover
+    assert listing(tmp_path) == []
+
+
+def test_line_buffering(tmp_path: Path, trace: Recorder) -> None:
+    with atomic.file(tmp_path / "lines", buffering=1) as f:
+        f.write("one\n")
+        assert trace.count("write") == 1
+    assert (tmp_path / "lines").read_text() == "one\n"
+
+
+def test_binary_mode_refuses_encoding(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="binary mode"):
+        with atomic.file(tmp_path / "x", "wb", encoding="utf-8"):
+            pass  # pragma: no cover
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("mode", ["r", "rb", "a", "ab", "w+", "wb+", "x", "r+", "", "wbt"])
+def test_read_append_and_unknown_modes_refused(tmp_path: Path, mode: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(mode))):
+        with atomic.file(tmp_path / "x", mode):
+            pass  # pragma: no cover
+    assert listing(tmp_path) == []
+
+
+def test_mode_must_be_a_string(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="mode must be a str"):
+        with atomic.file(tmp_path / "x", 1):  # type: ignore[arg-type]
+            pass  # pragma: no cover
+
+
+@pytest.mark.parametrize("bad", [b"/tmp/x", None, 3])
+def test_path_type_checked(bad: object) -> None:
+    with pytest.raises(TypeError, match="path must be str or os.PathLike"):
+        with atomic.file(bad):  # type: ignore[arg-type]
+            pass  # pragma: no cover
+
+
+def test_empty_path_and_nul_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="must not be empty"):
+        atomic.write_bytes("", b"x")
+    with pytest.raises(ValueError, match="NUL"):
+        atomic.write_bytes(str(tmp_path / "a\0b"), b"x")
+    assert listing(tmp_path) == []
+
+
+def test_temp_is_hidden_in_the_destination_directory(tmp_path: Path, trace: Recorder) -> None:
+    dest = tmp_path / "report.csv"
+    with atomic.file(dest) as f:
+        (temp,) = listing(tmp_path)
+        assert temp.startswith(".report.csv.atomstore-")
+        assert temp.endswith(".tmp")
+        assert f.name == str(tmp_path / temp)
+    (opened,) = [c for c in trace.named("open") if c.args[0].endswith(".tmp")]
+    flags = opened.args[1]
+    for flag in (os.O_CREAT, os.O_EXCL, os.O_NOFOLLOW, os.O_CLOEXEC, os.O_WRONLY):
+        assert flags & flag == flag
+    assert os.path.dirname(opened.args[0]) == str(tmp_path)
+
+
+def test_new_file_gets_umask_mode(tmp_path: Path, umask: Callable[[int], None]) -> None:
+    umask(0o027)
+    atomic.write_bytes(tmp_path / "a", b"x")
+    with atomic.file(tmp_path / "b") as f:
+        f.write("x")
+    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(tmp_path / "b").st_mode) == 0o640
+
+
+def test_perms_are_exact(tmp_path: Path, umask: Callable[[int], None]) -> None:
+    umask(0o077)
+    atomic.write_bytes(tmp_path / "a", b"x", perms=0o644)
+    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o644
+    atomic.write_bytes(tmp_path / "a", b"y", perms=0o600, overwrite=True)
+    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o600
+
+
+def test_replaced_file_keeps_mode(tmp_path: Path) -> None:
+    dest = tmp_path / "script.sh"
+    dest.write_text("old")
+    dest.chmod(0o750)
+    with atomic.file(dest, overwrite=True) as f:
+        f.write("new")
+    assert dest.read_text() == "new"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o750
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_replaced_file_keeps_owner_and_group(tmp_path: Path) -> None:
+    dest = tmp_path / "owned"
+    dest.write_text("old")
+    os.chown(dest, 1234, 5678)
+    dest.chmod(0o4755)  # set-user-ID survives: chmod comes after chown
+    atomic.write_bytes(dest, b"new", overwrite=True)
+    st = dest.stat()
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert stat.S_IMODE(st.st_mode) == 0o4755
+    assert dest.read_bytes() == b"new"
+
+
+def test_symlink_is_followed(tmp_path: Path) -> None:
+    target = tmp_path / "real"
+    target.write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to("real")
+    with atomic.file(link, overwrite=True) as f:
+        f.write("new")
+    assert link.is_symlink()
+    assert os.readlink(link) == "real"
+    assert target.read_text() == "new"
+    assert listing(tmp_path) == ["link", "real"]
+
+
+def test_dangling_symlink_creates_its_target(tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to("missing")
+    atomic.write_bytes(link, b"made")
+    assert (tmp_path / "missing").read_bytes() == b"made"
+    assert link.is_symlink()
+
+
+def test_symlink_replaced_itself_without_following(tmp_path: Path) -> None:
+    target = tmp_path / "real"
+    target.write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to("real")
+    atomic.write_bytes(link, b"new", overwrite=True, follow_symlinks=False)
+    assert not link.is_symlink()
+    assert link.read_bytes() == b"new"
+    assert target.read_text() == "old"
+
+
+def test_symlink_loop_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(OSError) as info:
+        atomic.write_bytes(tmp_path / "a", b"x", overwrite=True)
+    assert info.value.errno == errno.ELOOP
+    assert listing(tmp_path) == ["a", "b"]
+
+
+def test_existing_destination_refused_before_writing(tmp_path: Path) -> None:
+    dest = tmp_path / "keep"
+    dest.write_text("precious")
+    entered = False
+    with pytest.raises(FileExistsError) as info:
+        with atomic.file(dest):
+            entered = True  # pragma: no cover
+    assert not entered
+    assert info.value.errno == errno.EEXIST
+    assert info.value.filename == str(dest)
+    assert dest.read_text() == "precious"
+    assert listing(tmp_path) == ["keep"]
+
+
+def test_destination_appearing_while_writing_is_not_clobbered(tmp_path: Path) -> None:
+    dest = tmp_path / "race"
+    with pytest.raises(FileExistsError) as info:
+        with atomic.file(dest) as f:
+            f.write("mine")
+            dest.write_text("theirs")
+    assert info.value.errno == errno.EEXIST
+    assert info.value.filename == str(dest)
+    assert dest.read_text() == "theirs"
+    assert listing(tmp_path) == ["race"]
+
+
+def test_overwrite_replaces(tmp_path: Path) -> None:
+    dest = tmp_path / "state"
+    dest.write_text("v1")
+    with atomic.file(dest, overwrite=True) as f:
+        f.write("v2")
+    assert dest.read_text() == "v2"
+    assert listing(tmp_path) == ["state"]
+
+
+@pytest.mark.parametrize("exception", [RuntimeError, KeyboardInterrupt, SystemExit])
+def test_exception_discards_everything(tmp_path: Path, exception: type) -> None:
+    dest = tmp_path / "state"
+    dest.write_text("v1")
+    with pytest.raises(exception):
+        with atomic.file(dest, overwrite=True) as f:
+            f.write("half")
+            raise exception()
+    assert f.closed
+    assert dest.read_text() == "v1"
+    assert listing(tmp_path) == ["state"]
+
+
+def test_missing_parent_is_named(tmp_path: Path) -> None:
+    parent = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError) as info:
+        with atomic.file(parent / "x"):
+            pass  # pragma: no cover
+    assert info.value.errno == errno.ENOENT
+    assert info.value.filename == str(parent)
+
+
+def test_parent_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError) as info:
+        atomic.write_bytes(tmp_path / "file" / "x", b"x")
+    assert info.value.errno == errno.ENOTDIR
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_directory_destination_refused(tmp_path: Path, suffix: str) -> None:
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        atomic.write_bytes(str(tmp_path / "d") + suffix, b"x", overwrite=True)
+    assert info.value.errno == errno.EISDIR
+    assert listing(tmp_path) == ["d"]
+    assert listing(tmp_path / "d") == []
+
+
+def test_file_closed_inside_the_block(tmp_path: Path, trace: Recorder) -> None:
+    dest = tmp_path / "closed"
+    with atomic.file(dest) as f:
+        f.write("done")
+        f.close()
+    assert dest.read_text() == "done"
+    assert trace.count("fsync") == 2
+    assert listing(tmp_path) == ["closed"]
+
+
+def test_durable_write_makes_one_file_and_one_directory_fsync(
+    tmp_path: Path, trace: Recorder
+) -> None:
+    atomic.capabilities(tmp_path / "x")  # probe outside the count
+    trace.calls.clear()
+    dest = tmp_path / "durable"
+    with atomic.file(dest) as f:
+        f.write("x" * 100_000)
+    synced = trace.fsynced_paths()
+    assert len(synced) == 2
+    assert os.path.basename(synced[0]).startswith(".durable.atomstore-")
+    assert synced[1] == str(tmp_path)
+    # fsync before the rename, the directory after it
+    names = [c.name for c in trace.calls if c.name in ("fsync", "renameat2", "rename")]
+    assert names == ["fsync", "renameat2", "fsync"]
+
+
+def test_write_bytes_durable_fsync_count(tmp_path: Path, trace: Recorder) -> None:
+    atomic.write_bytes(tmp_path / "a", b"x")
+    trace.calls.clear()
+    atomic.write_bytes(tmp_path / "b", b"x")
+    atomic.write_bytes(tmp_path / "b", b"y", overwrite=True)
+    assert trace.count("fsync") == 4
+
+
+def test_not_durable_makes_no_fsync(tmp_path: Path, trace: Recorder) -> None:
+    with atomic.file(tmp_path / "fast", durable=False) as f:
+        f.write("x")
+    atomic.write_bytes(tmp_path / "fast2", b"x", durable=False)
+    assert trace.count("fsync") == 0
+    assert (tmp_path / "fast").read_text() == "x"
+
+
+def test_fsync_failure_is_fatal_and_not_retried(tmp_path: Path, trace: Recorder) -> None:
+    dest = tmp_path / "state"
+    dest.write_text("v1")
+    trace.fail("fsync", errno.EIO)
+    with pytest.raises(OSError) as info:
+        with atomic.file(dest, overwrite=True) as f:
+            f.write("v2")
+    assert info.value.errno == errno.EIO
+    assert trace.count("fsync") == 1
+    assert trace.count("rename") == trace.count("renameat2") == 0
+    assert dest.read_text() == "v1"
+    assert listing(tmp_path) == ["state"]
+
+
+def test_directory_fsync_failure_is_reported(tmp_path: Path, trace: Recorder) -> None:
+    dest = tmp_path / "state"
+    trace.fail("fsync", errno.EIO, when=lambda call: call.target == str(tmp_path))
+    with pytest.raises(OSError) as info:
+        atomic.write_bytes(dest, b"v2")
+    assert info.value.errno == errno.EIO
+    # the rename happened; what is on disk is the complete new file
+    assert dest.read_bytes() == b"v2"
+    assert listing(tmp_path) == ["state"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO])
+def test_write_failure_leaves_nothing(tmp_path: Path, trace: Recorder, code: int) -> None:
+    dest = tmp_path / "state"
+    dest.write_text("v1")
+    trace.fail("write", code)
+    with pytest.raises(OSError) as info:
+        with atomic.file(dest, "wb", overwrite=True) as f:
+            f.write(b"x" * 10)
+    assert info.value.errno == code
+    assert dest.read_text() == "v1"
+    assert listing(tmp_path) == ["state"]
+    trace.fail("write", code)
+    with pytest.raises(OSError) as again:
+        atomic.write_bytes(dest, b"y" * 10, overwrite=True)
+    assert again.value.errno == code
+    assert dest.read_text() == "v1"
+    assert listing(tmp_path) == ["state"]
+
+
+def test_short_writes_are_completed(tmp_path: Path, trace: Recorder) -> None:
+    def short_write(fd: int, data: bytes) -> int:
+        return os.write(fd, bytes(data[:7]))
+
+    trace.replace["write"] = short_write
+    payload = bytes(range(256)) * 40
+    atomic.write_bytes(tmp_path / "a", payload)
+    with atomic.file(tmp_path / "b", "wb") as f:
+        f.write(payload)
+    assert (tmp_path / "a").read_bytes() == payload
+    assert (tmp_path / "b").read_bytes() == payload
+
+
+def test_write_bytes_and_text(tmp_path: Path) -> None:
+    atomic.write_bytes(tmp_path / "b", bytearray(b"ab"))
+    atomic.write_bytes(tmp_path / "m", memoryview(b"abcd")[1:3])
+    atomic.write_text(tmp_path / "t", "h\u00e9", "utf-8")
+    atomic.write_text(tmp_path / "l", "h\u00e9", encoding="latin-1")
+    assert (tmp_path / "b").read_bytes() == b"ab"
+    assert (tmp_path / "m").read_bytes() == b"bc"
+    assert (tmp_path / "t").read_bytes() == b"h\xc3\xa9"
+    assert (tmp_path / "l").read_bytes() == b"h\xe9"
+
+
+def test_write_bytes_and_text_check_types(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="bytes-like"):
+        atomic.write_bytes(tmp_path / "b", "text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="text must be str"):
+        atomic.write_text(tmp_path / "t", b"bytes")  # type: ignore[arg-type]
+    with pytest.raises(UnicodeEncodeError):
+        atomic.write_text(tmp_path / "t", "\u20ac", "ascii")
+    assert listing(tmp_path) == []
+
+
+def test_no_clobber_commit_uses_link_fallback(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    force_caps(noreplace=False, exchange=False)
+    atomic.write_bytes(tmp_path / "a", b"x")
+    assert trace.count("renameat2") == 0
+    assert trace.count("link") == 1
+    assert (tmp_path / "a").read_bytes() == b"x"
+    with pytest.raises(FileExistsError):
+        with atomic.file(tmp_path / "b") as f:
+            f.write("mine")
+            (tmp_path / "b").write_text("theirs")
+    assert (tmp_path / "b").read_text() == "theirs"
+    assert listing(tmp_path) == ["a", "b"]

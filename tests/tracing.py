@@ -1,0 +1,108 @@
+"""Recording and fault injection through atomstore's OS boundary."""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from atomstore import _syscalls
+
+
+_FD_CALLS = frozenset({"write", "fsync", "close", "fchmod", "fchown"})
+
+
+@dataclass
+class Call:
+    """One call that went through the OS boundary."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    result: Any = None
+    error: Optional[OSError] = None
+    target: Optional[str] = None  # the path behind a descriptor argument
+
+    def path(self, fds: Dict[int, str]) -> str:
+        """The first path argument, resolved against a recorded ``dir_fd``."""
+        first = self.args[0]
+        dir_fd = self.kwargs.get("dir_fd")
+        if dir_fd is not None:
+            return os.path.join(fds[dir_fd], first)
+        return str(first)
+
+
+@dataclass
+class Fault:
+    """Make calls named ``name`` (and matching ``when``) fail with ``error``."""
+
+    name: str
+    error: int
+    when: Callable[[Call], bool] = lambda call: True
+    times: Optional[int] = 1  # None: every matching call
+    after: bool = False  # fail after the real call was made
+    hits: int = 0
+
+
+@dataclass
+class Recorder:
+    """A tracer for :func:`atomstore._syscalls.set_tracer`."""
+
+    calls: List[Call] = field(default_factory=list)
+    faults: List[Fault] = field(default_factory=list)
+    replace: Dict[str, Callable[..., Any]] = field(default_factory=dict)
+    fds: Dict[int, str] = field(default_factory=dict)
+
+    def __call__(self, name: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        call = Call(name, args, kwargs)
+        if name in _FD_CALLS:
+            call.target = self.fds.get(args[0])
+        self.calls.append(call)
+        fault = self._fault(call)
+        if fault is not None and not fault.after:
+            call.error = OSError(fault.error, os.strerror(fault.error), _filename(args))
+            raise call.error
+        try:
+            call.result = self.replace.get(name, func)(*args, **kwargs)
+        except OSError as e:
+            call.error = e
+            raise
+        if name == "open":
+            self.fds[call.result] = call.path(self.fds)
+        if fault is not None:
+            call.error = OSError(fault.error, os.strerror(fault.error), _filename(args))
+            raise call.error
+        return call.result
+
+    def _fault(self, call: Call) -> Optional[Fault]:
+        for fault in self.faults:
+            if fault.name == call.name and (fault.times is None or fault.hits < fault.times):
+                if fault.when(call):
+                    fault.hits += 1
+                    return fault
+        return None
+
+    def fail(self, name: str, error: int = errno.EIO, **options: Any) -> Fault:
+        fault = Fault(name, error, **options)
+        self.faults.append(fault)
+        return fault
+
+    def named(self, *names: str) -> List[Call]:
+        return [c for c in self.calls if c.name in names]
+
+    def count(self, name: str) -> int:
+        return len(self.named(name))
+
+    def fsynced_paths(self) -> List[Optional[str]]:
+        return [c.target for c in self.named("fsync")]
+
+    def install(self) -> None:
+        _syscalls.set_tracer(self)
+
+    def uninstall(self) -> None:
+        _syscalls.set_tracer(None)
+
+
+def _filename(args: tuple[Any, ...]) -> Any:
+    return args[0] if args and isinstance(args[0], str) else None
