@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator
+from collections.abc import Iterator
+from typing import Callable
 
 import pytest
 
@@ -34,9 +35,7 @@ def fresh_probe() -> Iterator[None]:
 
 
 @pytest.fixture
-def force_caps(
-    tmp_path: os.PathLike[str], fresh_probe: None
-) -> Callable[..., Capabilities]:
+def force_caps(tmp_path: os.PathLike[str], fresh_probe: None) -> Callable[..., Capabilities]:
     """Pretend the test's filesystem has the given capabilities."""
 
     def force(**flags: bool) -> Capabilities:

@@ -6,8 +6,9 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable
 
 import pytest
 
@@ -16,7 +17,7 @@ from atomstore._rename import Capabilities
 from tracing import Recorder
 
 
-def listing(directory: Path) -> List[str]:
+def listing(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
 
@@ -103,7 +104,7 @@ def test_mode_must_be_a_string(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", [b"/tmp/x", None, 3])
 def test_path_type_checked(bad: object) -> None:
-    with pytest.raises(TypeError, match="path must be str or os.PathLike"):
+    with pytest.raises(TypeError, match=r"path must be str or os\.PathLike"):
         with atomic.file(bad):  # type: ignore[arg-type]
             pass  # pragma: no cover
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 from atomstore import _syscalls
-
 
 _FD_CALLS = frozenset({"write", "fsync", "close", "fchmod", "fchown"})
 
@@ -19,12 +18,12 @@ class Call:
 
     name: str
     args: tuple[Any, ...]
-    kwargs: Dict[str, Any]
+    kwargs: dict[str, Any]
     result: Any = None
-    error: Optional[OSError] = None
-    target: Optional[str] = None  # the path behind a descriptor argument
+    error: OSError | None = None
+    target: str | None = None  # the path behind a descriptor argument
 
-    def path(self, fds: Dict[int, str]) -> str:
+    def path(self, fds: dict[int, str]) -> str:
         """The first path argument, resolved against a recorded ``dir_fd``."""
         first = self.args[0]
         dir_fd = self.kwargs.get("dir_fd")
@@ -40,7 +39,7 @@ class Fault:
     name: str
     error: int
     when: Callable[[Call], bool] = lambda call: True
-    times: Optional[int] = 1  # None: every matching call
+    times: int | None = 1  # None: every matching call
     after: bool = False  # fail after the real call was made
     hits: int = 0
 
@@ -49,10 +48,10 @@ class Fault:
 class Recorder:
     """A tracer for :func:`atomstore._syscalls.set_tracer`."""
 
-    calls: List[Call] = field(default_factory=list)
-    faults: List[Fault] = field(default_factory=list)
-    replace: Dict[str, Callable[..., Any]] = field(default_factory=dict)
-    fds: Dict[int, str] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    replace: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    fds: dict[int, str] = field(default_factory=dict)
 
     def __call__(self, name: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         call = Call(name, args, kwargs)
@@ -75,12 +74,12 @@ class Recorder:
             raise call.error
         return call.result
 
-    def _fault(self, call: Call) -> Optional[Fault]:
+    def _fault(self, call: Call) -> Fault | None:
         for fault in self.faults:
-            if fault.name == call.name and (fault.times is None or fault.hits < fault.times):
-                if fault.when(call):
-                    fault.hits += 1
-                    return fault
+            left = fault.times is None or fault.hits < fault.times
+            if fault.name == call.name and left and fault.when(call):
+                fault.hits += 1
+                return fault
         return None
 
     def fail(self, name: str, error: int = errno.EIO, **options: Any) -> Fault:
@@ -88,14 +87,15 @@ class Recorder:
         self.faults.append(fault)
         return fault
 
-    def named(self, *names: str) -> List[Call]:
+    def named(self, *names: str) -> list[Call]:
         return [c for c in self.calls if c.name in names]
 
     def count(self, name: str) -> int:
         return len(self.named(name))
 
-    def fsynced_paths(self) -> List[Optional[str]]:
-        return [c.target for c in self.named("fsync")]
+    def fsynced_paths(self) -> list[str]:
+        """The paths behind the descriptors fsync was called on, in order."""
+        return [str(c.target) for c in self.named("fsync")]
 
     def install(self) -> None:
         _syscalls.set_tracer(self)

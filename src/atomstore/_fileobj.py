@@ -4,7 +4,7 @@ through the OS boundary."""
 from __future__ import annotations
 
 import io
-from typing import IO, Any, Optional
+from typing import IO, Any
 
 from . import _syscalls
 
@@ -36,9 +36,9 @@ def open_fd(
     mode: str,
     name: str,
     buffering: int = -1,
-    encoding: Optional[str] = None,
-    errors: Optional[str] = None,
-    newline: Optional[str] = None,
+    encoding: str | None = None,
+    errors: str | None = None,
+    newline: str | None = None,
 ) -> IO[Any]:
     """Wrap the writable descriptor ``fd`` as ``open(name, mode, ...)`` would.
 

@@ -26,7 +26,9 @@ KINDS = ("tmp", "new", "old")
 # NAME_MAX is 255 bytes on every Linux filesystem; the mark takes 27.
 _BASE_MAX_BYTES = 200
 
-STAGING_RE = re.compile(r"^\.(?P<base>.*)\.atomstore-(?P<token>[0-9a-f]{12})\.(?P<kind>tmp|new|old)$", re.S)
+STAGING_RE = re.compile(
+    r"^\.(?P<base>.*)\.atomstore-(?P<token>[0-9a-f]{12})\.(?P<kind>tmp|new|old)$", re.S
+)
 
 
 def token() -> str:

@@ -23,11 +23,10 @@ import errno
 import os
 import threading
 from dataclasses import dataclass
-from typing import Dict, Optional
 
 from . import _names, _syscalls
-from ._tree import remove_tree
 from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
+from ._tree import remove_tree
 
 # renameat2 flags unsupported: EINVAL (FUSE, NFS, ZFS < 2.2, or a kernel that
 # rejects the flag), ENOSYS (old kernel, seccomp), EOPNOTSUPP.
@@ -65,11 +64,11 @@ class Capabilities:
 _ASSUMED = Capabilities(noreplace=True, exchange=True, hardlinks=True)
 _NOTHING = Capabilities(noreplace=False, exchange=False, hardlinks=False)
 
-_cache: Dict[int, Capabilities] = {}
+_cache: dict[int, Capabilities] = {}
 _lock = threading.Lock()
 
 
-def capabilities(directory: str, device: Optional[int] = None) -> Capabilities:
+def capabilities(directory: str, device: int | None = None) -> Capabilities:
     """The capabilities of the filesystem of ``directory`` (probed once)."""
     if device is None:
         device = os.stat(directory).st_dev
@@ -92,7 +91,7 @@ def _write_small(path: str, data: bytes) -> None:
         _syscalls.close(fd)
 
 
-def _read(path: str) -> Optional[bytes]:
+def _read(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -236,7 +235,7 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def exchange_unsupported(a: str, b: str, cause: Optional[OSError] = None) -> OSError:
+def exchange_unsupported(a: str, b: str, cause: OSError | None = None) -> OSError:
     """The error for a filesystem that cannot exchange ``a`` and ``b``."""
     detail = f" ({errno.errorcode.get(cause.errno or 0, cause.errno)})" if cause else ""
     return OSError(

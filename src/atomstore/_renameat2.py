@@ -13,7 +13,7 @@ import errno
 import os
 import platform
 import sys
-from typing import Callable, Optional
+from typing import Callable
 
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
@@ -46,16 +46,16 @@ _X32_SYSCALL_BIT = 0x40000000
 _Binding = Callable[[bytes, bytes, int], int]
 
 
-def _syscall_number(machine: str, pointer_size: int) -> Optional[int]:
+def _syscall_number(machine: str, pointer_size: int) -> int | None:
     """The renameat2 syscall number for ``machine``, or None if unknown."""
     number = _SYSCALL_NUMBERS.get(machine.lower())
-    if number is not None and machine.lower() in ("x86_64", "amd64"):
-        if pointer_size == 4:  # the x32 ABI: 64-bit kernel, 32-bit pointers
-            number |= _X32_SYSCALL_BIT
+    if number == 316 and pointer_size == 4:
+        # x86_64 with 32-bit pointers is the x32 ABI.
+        number |= _X32_SYSCALL_BIT
     return number
 
 
-def _linux_binding() -> Optional[_Binding]:
+def _linux_binding() -> _Binding | None:
     libc = ctypes.CDLL(None, use_errno=True)
     try:
         func = libc.renameat2
@@ -74,10 +74,10 @@ def _linux_binding() -> Optional[_Binding]:
             ctypes.c_uint,
         ]
 
-        def call(src: bytes, dst: bytes, flags: int) -> int:
+        def call_syscall(src: bytes, dst: bytes, flags: int) -> int:
             return int(syscall(number, _AT_FDCWD, src, _AT_FDCWD, dst, flags))
 
-        return call
+        return call_syscall
     func.restype = ctypes.c_int
     func.argtypes = [
         ctypes.c_int,
@@ -93,7 +93,7 @@ def _linux_binding() -> Optional[_Binding]:
     return call
 
 
-def _darwin_binding() -> Optional[_Binding]:  # pragma: no cover - macOS only
+def _darwin_binding() -> _Binding | None:  # pragma: no cover - macOS only
     # renamex_np(2): RENAME_SWAP 0x2 and RENAME_EXCL 0x4 (sys/stdio.h).
     libc = ctypes.CDLL(None, use_errno=True)
     try:
@@ -104,15 +104,13 @@ def _darwin_binding() -> Optional[_Binding]:  # pragma: no cover - macOS only
     func.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
 
     def call(src: bytes, dst: bytes, flags: int) -> int:
-        native = (0x4 if flags & RENAME_NOREPLACE else 0) | (
-            0x2 if flags & RENAME_EXCHANGE else 0
-        )
+        native = (0x4 if flags & RENAME_NOREPLACE else 0) | (0x2 if flags & RENAME_EXCHANGE else 0)
         return int(func(src, dst, native))
 
     return call
 
 
-def _binding() -> Optional[_Binding]:
+def _binding() -> _Binding | None:
     if sys.platform.startswith("linux"):
         return _linux_binding()
     if sys.platform == "darwin":  # pragma: no cover - macOS only

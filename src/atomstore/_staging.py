@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Optional
 
 from . import _names, _rename, _syscalls, _tree
 from ._rename import Capabilities
@@ -20,7 +19,7 @@ FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "
 _ATTEMPTS = 100
 
 
-def open_exclusive(path: str, perms: Optional[int] = None) -> int:
+def open_exclusive(path: str, perms: int | None = None) -> int:
     """Create ``path`` for writing; never an existing file, never a symlink.
 
     ``perms`` is set exactly (fchmod); without it the file gets 0o666 minus
@@ -39,9 +38,9 @@ def open_exclusive(path: str, perms: Optional[int] = None) -> int:
 def open_temp(
     directory: str,
     base: str,
-    perms: Optional[int] = None,
-    like: Optional[os.stat_result] = None,
-) -> "tuple[str, int]":
+    perms: int | None = None,
+    like: os.stat_result | None = None,
+) -> tuple[str, int]:
     """Create a hidden temporary file for ``base`` in ``directory``.
 
     :param perms: exact permission bits for the file.
@@ -69,7 +68,7 @@ def open_temp(
     raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
 
 
-def _copy_metadata(fd: int, perms: Optional[int], like: Optional[os.stat_result]) -> None:
+def _copy_metadata(fd: int, perms: int | None, like: os.stat_result | None) -> None:
     if like is not None:
         if like.st_uid != os.geteuid() or like.st_gid != os.getegid():
             try:
@@ -86,7 +85,7 @@ def _copy_metadata(fd: int, perms: Optional[int], like: Optional[os.stat_result]
         _syscalls.fchmod(fd, perms)
 
 
-def write_all(fd: int, data: "bytes | bytearray | memoryview") -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write all of ``data``, looping over short writes."""
     view = memoryview(data).cast("B")
     while view:
@@ -110,7 +109,7 @@ def sync_and_close(fd: int, durable: bool) -> None:
 def publish(
     temp: str,
     dest: str,
-    caps: Optional[Capabilities],
+    caps: Capabilities | None,
     durable: bool,
 ) -> None:
     """Rename the complete, closed file ``temp`` to ``dest``.
@@ -132,7 +131,7 @@ def publish(
         _tree.sync_dir(os.path.dirname(dest) or ".")
 
 
-def discard(temp: str, fd: Optional[int]) -> None:
+def discard(temp: str, fd: int | None) -> None:
     """Close ``fd`` and remove ``temp``, ignoring errors: a cleanup path."""
     if fd is not None:
         _close_quietly(fd)

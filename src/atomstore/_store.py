@@ -7,13 +7,14 @@ owns the file: no locks.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import itertools
 import os
 import socket
 import stat
 import time
-from typing import IO, Any, Dict, List, Optional, Tuple, Union
+from typing import IO, Any
 
 from . import _fileobj, _names, _rename, _staging, _syscalls, _tree, atomic
 from ._rename import Capabilities
@@ -61,7 +62,7 @@ def escape_hostname(hostname: str) -> str:
     )
 
 
-def split_info(name: str) -> Tuple[str, Dict[str, str]]:
+def split_info(name: str) -> tuple[str, dict[str, str]]:
     """Split a stored name into its unique part and its info fields."""
     base, sep, info = name.rpartition(_INFO_SEPARATOR)
     if not sep or not info.startswith(_INFO_VERSION):
@@ -73,7 +74,7 @@ def split_info(name: str) -> Tuple[str, Dict[str, str]]:
     return base, fields
 
 
-def join_info(base: str, fields: Dict[str, str]) -> str:
+def join_info(base: str, fields: dict[str, str]) -> str:
     """The stored name of ``base`` with info ``fields`` (none: just base)."""
     if not fields:
         return base
@@ -81,7 +82,7 @@ def join_info(base: str, fields: Dict[str, str]) -> str:
     return f"{base}{_INFO_SEPARATOR}{_INFO_VERSION}{items}"
 
 
-def _attempts(fields: Dict[str, str]) -> int:
+def _attempts(fields: dict[str, str]) -> int:
     try:
         return int(fields.get("A", "0"))
     except ValueError:
@@ -127,8 +128,8 @@ class FileStore:
         path: atomic.StrPath,
         *,
         durable: bool = True,
-        mode: Optional[int] = None,
-        hostname: Optional[str] = None,
+        mode: int | None = None,
+        hostname: str | None = None,
     ) -> None:
         self.path = os.path.abspath(atomic.fspath(path))
         self.durable = durable
@@ -141,10 +142,10 @@ class FileStore:
             raise ValueError(f"hostname must be a non-empty str: {hostname!r}")
         self._host = escape_hostname(hostname)
         self._dirs = {area: os.path.join(self.path, area) for area in AREAS}
-        self._caps: Optional[Capabilities] = None
+        self._caps: Capabilities | None = None
         # Names of new/ from one listing, oldest last: claims pop from it, so
         # a backlog of n costs one listing per n claims, not one per claim.
-        self._backlog: List[str] = []
+        self._backlog: list[str] = []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
@@ -211,13 +212,13 @@ class FileStore:
 
     def create(
         self,
-        name: Optional[str] = None,
+        name: str | None = None,
         mode: str = "w",
         *,
         buffering: int = -1,
-        encoding: Optional[str] = None,
-        errors: Optional[str] = None,
-        newline: Optional[str] = None,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
     ) -> IO[Any]:
         """Create a new file in ``tmp/`` and return it open for writing.
 
@@ -242,7 +243,7 @@ class FileStore:
             _staging.discard(path, fd)
             raise
 
-    def list(self, area: str) -> List[str]:  # noqa: A003
+    def list(self, area: str) -> builtins.list[str]:
         """The full paths of the files in ``area``, sorted by name.
 
         Unique names sort by time.  The library's hidden staging files are
@@ -297,23 +298,17 @@ class FileStore:
             raise ValueError(f"src and dst are the same area: {src!r}")
         if not overwrite and os.path.lexists(target):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
-        src_fd = os.open(source, _READ_FLAGS)
-        try:
-            st = os.fstat(src_fd)
+        # O_NOFOLLOW: a symlink planted in the store is not copied through.
+        with open(os.open(source, _READ_FLAGS), "rb", buffering=0) as src_file:
+            st = os.fstat(src_file.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "not a regular file", source)
             temp, fd = _staging.open_temp(dst_dir, name, stat.S_IMODE(st.st_mode))
             try:
-                while True:
-                    chunk = os.read(src_fd, _COPY_CHUNK)
-                    if not chunk:
-                        break
-                    _staging.write_all(fd, chunk)
+                _copy_stream(src_file, fd)
             except BaseException:
                 _staging.discard(temp, fd)
                 raise
-        finally:
-            os.close(src_fd)
         try:
             _staging.sync_and_close(fd, self.durable)
         except BaseException:
@@ -345,44 +340,59 @@ class FileStore:
         seconds, micros = divmod(now, 1_000_000)
         return f"{seconds}.M{micros:06d}P{_pid}Q{next(_counter)}R{_names.token()[:8]}.{self._host}"
 
-    def add(self, data: Union[bytes, bytearray, memoryview, str], encoding: str = "utf-8") -> str:
+    def add(
+        self, data: bytes | bytearray | memoryview | str | IO[bytes], encoding: str = "utf-8"
+    ) -> str:
         """Deliver ``data`` as a new message into ``new/`` and return its name.
 
         The message is written in ``tmp/``, fsynced, and moved into ``new/``
         under a :meth:`unique_name`; with ``durable`` it is on disk when this
         returns.  No consumer ever sees part of it.
 
-        :param data: bytes, or a str encoded with ``encoding``.
+        :param data: bytes, a str encoded with ``encoding``, or a binary
+            file object, which is copied in chunks (memory stays flat).
         """
         if isinstance(data, str):
             data = data.encode(encoding)
-        elif not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data must be bytes-like or str, not {type(data).__name__}")
-        tmp_dir = self._dirs["tmp"]
-        while True:
-            name = self.unique_name()
-            temp = os.path.join(tmp_dir, name)
-            try:
-                fd = _staging.open_exclusive(temp, self.mode)
-                break
-            except FileExistsError:  # pragma: no cover - a random part repeated
-                continue
-            except FileNotFoundError:
-                raise self._not_prepared("tmp") from None
+        elif not isinstance(data, (bytes, bytearray, memoryview)) and not hasattr(data, "read"):
+            raise TypeError(
+                f"data must be bytes-like, str or a binary file, not {type(data).__name__}"
+            )
+        name, temp, fd = self._open_unique()
         try:
-            _staging.write_all(fd, data)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                _staging.write_all(fd, data)
+            else:
+                _copy_stream(data, fd)
         except BaseException:
             _staging.discard(temp, fd)
             raise
+        self._publish(name, temp, fd)
+        return name
+
+    def _open_unique(self) -> tuple[str, str, int]:
+        """A new file in ``tmp/`` under a unique name: (name, path, fd)."""
+        while True:
+            name = self.unique_name()
+            temp = os.path.join(self._dirs["tmp"], name)
+            try:
+                return name, temp, _staging.open_exclusive(temp, self.mode)
+            except FileExistsError:  # pragma: no cover - the random part repeated
+                continue
+            except FileNotFoundError:
+                raise self._not_prepared("tmp") from None
+
+    def _publish(self, name: str, temp: str, fd: int) -> None:
+        """Sync and close ``fd`` and move ``temp`` into ``new/`` as ``name``."""
         try:
             _staging.sync_and_close(fd, self.durable)
         except BaseException:
             _staging.unlink_quietly(temp)
             raise
-        _staging.publish(temp, os.path.join(self._dirs["new"], name), self._capabilities(), self.durable)
-        return name
+        target = os.path.join(self._dirs["new"], name)
+        _staging.publish(temp, target, self._capabilities(), self.durable)
 
-    def claim(self) -> Optional["Claim"]:
+    def claim(self) -> Claim | None:
         """Claim the oldest message of ``new/`` by moving it into ``cur/``.
 
         The rename decides: two consumers, in any processes, never claim the
@@ -417,14 +427,16 @@ class FileStore:
                 _syscalls.rename(os.path.join(new_dir, name), claim_path)
             except FileNotFoundError:
                 if not os.path.isdir(new_dir) or not os.path.isdir(cur_dir):
-                    raise self._not_prepared("new" if not os.path.isdir(new_dir) else "cur") from None
+                    raise self._not_prepared(
+                        "new" if not os.path.isdir(new_dir) else "cur"
+                    ) from None
                 continue  # another consumer was faster
             if self.durable:
                 _tree.sync_dir(cur_dir)
                 _tree.sync_dir(new_dir)
             return Claim(self, base, claim_path, attempts, claimed / 1e6, token)
 
-    def _list_new(self) -> List[str]:
+    def _list_new(self) -> builtins.list[str]:
         try:
             names = os.listdir(self._dirs["new"])
         except FileNotFoundError:
@@ -433,7 +445,7 @@ class FileStore:
         names.sort(reverse=True)
         return names
 
-    def recover(self, older_than: atomic.Duration) -> List[str]:
+    def recover(self, older_than: atomic.Duration) -> builtins.list[str]:
         """Return claims older than ``older_than`` to ``new/``.
 
         Each counts one attempt.  The consumer that held a recovered claim
@@ -468,7 +480,7 @@ class FileStore:
             _tree.sync_dir(cur_dir)
         return recovered
 
-    def clean(self, older_than: atomic.Duration = atomic.DEFAULT_STALE_AGE) -> List[str]:
+    def clean(self, older_than: atomic.Duration = atomic.DEFAULT_STALE_AGE) -> builtins.list[str]:
         """Remove stale files from ``tmp/`` and stale staging files elsewhere.
 
         Staleness is judged by mtime (atime lies on noatime mounts).
@@ -496,7 +508,17 @@ class FileStore:
         return removed
 
 
-def _mtime(entry: "os.DirEntry[str]") -> float:
+def _copy_stream(source: IO[bytes], fd: int) -> None:
+    while True:
+        chunk = source.read(_COPY_CHUNK)
+        if not chunk:
+            return
+        if not isinstance(chunk, (bytes, bytearray)):
+            raise TypeError("data must be a binary file, not a text file")
+        _staging.write_all(fd, chunk)
+
+
+def _mtime(entry: os.DirEntry[str]) -> float:
     try:
         return entry.stat(follow_symlinks=False).st_mtime
     except FileNotFoundError:
@@ -508,7 +530,7 @@ def _sync_file(path: str) -> None:
     _staging.sync_and_close(fd, True)
 
 
-def _makedirs(path: str, mode: int, exact: bool) -> List[str]:
+def _makedirs(path: str, mode: int, exact: bool) -> list[str]:
     """Create ``path`` and missing parents; return the directories created."""
     try:
         st = os.stat(path)
@@ -545,7 +567,7 @@ class Claim:
     normally and releases it when the block raises.
     """
 
-    __slots__ = ("store", "name", "path", "attempts", "claimed_at", "token")
+    __slots__ = ("attempts", "claimed_at", "name", "path", "store", "token")
 
     def __init__(
         self,
@@ -566,7 +588,7 @@ class Claim:
     def __repr__(self) -> str:
         return f"<Claim {self.name!r} attempts={self.attempts}>"
 
-    def __enter__(self) -> "Claim":
+    def __enter__(self) -> Claim:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -580,7 +602,7 @@ class Claim:
             errno.ENOENT, "claim is no longer held (recovered, finished or released)", self.path
         )
 
-    def open(self, mode: str = "rb", **kwargs: Any) -> IO[Any]:  # noqa: A003
+    def open(self, mode: str = "rb", **kwargs: Any) -> IO[Any]:
         """Open the claimed file for reading; a planted symlink is refused."""
         if mode not in ("r", "rb", "rt"):
             raise ValueError(f"invalid mode {mode!r}: a claim is opened to read")

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from . import _renameat2
 
 Tracer = Callable[..., Any]
 
-_tracer: Optional[Tracer] = None
+_tracer: Tracer | None = None
 
 if sys.platform == "darwin":  # pragma: no cover - not tested on Linux CI
     import fcntl
@@ -41,16 +41,14 @@ else:
     _fsync = os.fsync
 
 
-def set_tracer(tracer: Optional[Tracer]) -> Optional[Tracer]:
+def set_tracer(tracer: Tracer | None) -> Tracer | None:
     """Install ``tracer`` (or remove it with None); return the previous one."""
     global _tracer
     previous, _tracer = _tracer, tracer
     return previous
 
 
-def open(  # noqa: A001
-    path: str, flags: int, mode: int = 0o666, dir_fd: Optional[int] = None
-) -> int:
+def open(path: str, flags: int, mode: int = 0o666, dir_fd: int | None = None) -> int:
     """Open ``path`` to create or write a file, or a directory to sync.
 
     Opens are recorded so that a tracer can tell which path a descriptor
@@ -124,7 +122,7 @@ def link(src: str, dst: str) -> None:
     os.link(src, dst)
 
 
-def unlink(path: str, dir_fd: Optional[int] = None) -> None:
+def unlink(path: str, dir_fd: int | None = None) -> None:
     """Remove the name ``path`` (relative to ``dir_fd`` if given)."""
     if _tracer is not None:
         _tracer("unlink", os.unlink, path, dir_fd=dir_fd)
@@ -140,7 +138,7 @@ def mkdir(path: str, mode: int = 0o777) -> None:
     os.mkdir(path, mode)
 
 
-def rmdir(path: str, dir_fd: Optional[int] = None) -> None:
+def rmdir(path: str, dir_fd: int | None = None) -> None:
     """Remove the empty directory ``path`` (relative to ``dir_fd`` if given)."""
     if _tracer is not None:
         _tracer("rmdir", os.rmdir, path, dir_fd=dir_fd)

@@ -20,8 +20,9 @@ import locale
 import os
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator, List, Optional, Union
+from typing import IO, Any, Union
 
 from . import _fileobj, _names, _rename, _staging, _syscalls, _tree
 from ._rename import Capabilities
@@ -77,14 +78,14 @@ def seconds(value: object, what: str = "older_than") -> float:
     return result
 
 
-def _split(dest: str) -> "tuple[str, str]":
+def _split(dest: str) -> tuple[str, str]:
     directory, base = os.path.split(dest)
     if not base or base in (".", ".."):
         raise IsADirectoryError(errno.EISDIR, "names a directory, not a file", dest)
     return directory or ".", base
 
 
-def _target(path: object, follow_symlinks: bool) -> "tuple[str, Optional[os.stat_result]]":
+def _target(path: object, follow_symlinks: bool) -> tuple[str, os.stat_result | None]:
     """The path to replace and its current status (None if missing)."""
     dest = fspath(path)
     try:
@@ -110,7 +111,7 @@ def _exists(dest: str) -> FileExistsError:
     return FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dest)
 
 
-def _no_clobber_caps(directory: str, fd: int, overwrite: bool) -> Optional[Capabilities]:
+def _no_clobber_caps(directory: str, fd: int, overwrite: bool) -> Capabilities | None:
     if overwrite:
         return None
     return _rename.capabilities(directory, os.fstat(fd).st_dev)
@@ -124,11 +125,11 @@ def file(
     overwrite: bool = False,
     durable: bool = True,
     follow_symlinks: bool = True,
-    perms: Optional[int] = None,
+    perms: int | None = None,
     buffering: int = -1,
-    encoding: Optional[str] = None,
-    errors: Optional[str] = None,
-    newline: Optional[str] = None,
+    encoding: str | None = None,
+    errors: str | None = None,
+    newline: str | None = None,
 ) -> Iterator[IO[Any]]:
     """Write a file atomically: on success it appears complete at ``path``.
 
@@ -179,7 +180,7 @@ def file(
 
 def _finish(
     f: IO[Any], temp: str, directory: str, overwrite: bool, durable: bool
-) -> Optional[Capabilities]:
+) -> Capabilities | None:
     """Flush, fsync and close the file written by :func:`file`."""
     if f.closed:
         # Closed inside the block: its data is written; sync the inode through
@@ -199,12 +200,12 @@ def _finish(
 
 def write_bytes(
     path: StrPath,
-    data: "bytes | bytearray | memoryview",
+    data: bytes | bytearray | memoryview,
     *,
     overwrite: bool = False,
     durable: bool = True,
     follow_symlinks: bool = True,
-    perms: Optional[int] = None,
+    perms: int | None = None,
 ) -> None:
     """Write ``data`` to ``path`` atomically; the keywords are :func:`file`'s.
 
@@ -234,13 +235,13 @@ def write_bytes(
 def write_text(
     path: StrPath,
     text: str,
-    encoding: Optional[str] = None,
-    errors: Optional[str] = None,
+    encoding: str | None = None,
+    errors: str | None = None,
     *,
     overwrite: bool = False,
     durable: bool = True,
     follow_symlinks: bool = True,
-    perms: Optional[int] = None,
+    perms: int | None = None,
 ) -> None:
     """Write ``text`` to ``path`` atomically, encoded as ``open()`` would.
 
@@ -263,7 +264,7 @@ def write_text(
     )
 
 
-def _existing_dir(dest: str) -> Optional[os.stat_result]:
+def _existing_dir(dest: str) -> os.stat_result | None:
     """The status of the directory ``dest``, None if missing.
 
     :raises NotADirectoryError: ``dest`` is something else, a symlink
@@ -279,7 +280,7 @@ def _existing_dir(dest: str) -> Optional[os.stat_result]:
     return st
 
 
-def _make_staging(parent: str, base: str, current: Optional[os.stat_result]) -> str:
+def _make_staging(parent: str, base: str, current: os.stat_result | None) -> str:
     for _ in range(100):
         staging = os.path.join(parent, _names.staging_name(base, "new"))
         try:
@@ -330,8 +331,11 @@ def folder(
         (see :func:`capabilities`), replace in steps: move the old tree
         aside, move the new one in, remove the old.  A crash between the two
         moves leaves ``path`` missing and the old tree under a hidden name;
-        :func:`clean` puts it back.  With False such a filesystem raises
-        OSError (EOPNOTSUPP) instead and nothing changes.
+        :func:`clean` puts it back.  A directory that exists only in the
+        lower layer of an overlayfs cannot even be moved: it is removed in
+        place before the new tree is moved in, and readers may see it
+        partly removed.  With False such filesystems raise OSError
+        (EOPNOTSUPP) instead and nothing changes.
     :raises FileExistsError: ``path`` exists and ``overwrite`` is False.
     :raises NotADirectoryError: ``path`` is not a directory (a symlink
         included).
@@ -357,7 +361,7 @@ def folder(
         _remove_quietly(old)
 
 
-def _publish_tree(staging: str, dest: str, overwrite: bool, allow_fallback: bool) -> Optional[str]:
+def _publish_tree(staging: str, dest: str, overwrite: bool, allow_fallback: bool) -> str | None:
     """Put the tree ``staging`` at ``dest``; return where the old tree went."""
     parent = os.path.dirname(staging)
     caps = _rename.capabilities(parent)
@@ -384,11 +388,20 @@ def _publish_tree(staging: str, dest: str, overwrite: bool, allow_fallback: bool
     return _replace_in_steps(staging, dest, caps)
 
 
-def _replace_in_steps(staging: str, dest: str, caps: Capabilities) -> str:
+def _replace_in_steps(staging: str, dest: str, caps: Capabilities) -> str | None:
     """The fallback without an atomic exchange; returns the old tree's path."""
     parent, base = os.path.split(dest)
     aside = os.path.join(parent, _names.staging_name(base, "old"))
-    _syscalls.rename(dest, aside)
+    try:
+        _syscalls.rename(dest, aside)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        # overlayfs cannot rename a directory of the lower layer at all
+        # (without redirect_dir): the old tree can only be removed in place.
+        _tree.remove_tree(dest)
+        _rename.rename_noreplace(staging, dest, caps)
+        return None
     try:
         _rename.rename_noreplace(staging, dest, caps)
     except BaseException:
@@ -460,7 +473,7 @@ def capabilities(path: StrPath) -> Capabilities:
     return _rename.capabilities(directory)
 
 
-def clean(directory: StrPath, *, older_than: Duration = DEFAULT_STALE_AGE) -> List[str]:
+def clean(directory: StrPath, *, older_than: Duration = DEFAULT_STALE_AGE) -> list[str]:
     """Remove what interrupted writes left in ``directory``.
 
     Temporary files and staging trees of this library (hidden names marked

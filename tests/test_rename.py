@@ -1,0 +1,494 @@
+"""atomic.rename(), swap(), capabilities(), clean() and the rename layer."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from atomstore import _rename, _renameat2, atomic
+from atomstore._rename import Capabilities
+from tracing import Recorder
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+# -- rename ---------------------------------------------------------------
+
+
+def test_rename_moves(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("A")
+    atomic.rename(tmp_path / "a", tmp_path / "b")
+    assert listing(tmp_path) == ["b"]
+    assert (tmp_path / "b").read_text() == "A"
+
+
+def test_rename_refuses_to_replace(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("A")
+    (tmp_path / "b").write_text("B")
+    with pytest.raises(FileExistsError) as info:
+        atomic.rename(tmp_path / "a", tmp_path / "b")
+    assert info.value.errno == errno.EEXIST
+    assert info.value.filename == str(tmp_path / "b")
+    assert (tmp_path / "a").read_text() == "A"
+    assert (tmp_path / "b").read_text() == "B"
+
+
+def test_rename_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("A")
+    (tmp_path / "b").write_text("B")
+    atomic.rename(tmp_path / "a", tmp_path / "b", overwrite=True)
+    assert listing(tmp_path) == ["b"]
+    assert (tmp_path / "b").read_text() == "A"
+
+
+def test_rename_missing_source(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        atomic.rename(tmp_path / "a", tmp_path / "b")
+    assert info.value.errno == errno.ENOENT
+    assert info.value.filename == str(tmp_path / "a")
+
+
+def test_rename_durable_syncs_both_directories(tmp_path: Path, trace: Recorder) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    (tmp_path / "x" / "a").write_text("A")
+    atomic.capabilities(tmp_path / "y" / "a")
+    trace.calls.clear()
+    atomic.rename(tmp_path / "x" / "a", tmp_path / "y" / "a")
+    assert trace.fsynced_paths() == [str(tmp_path / "y"), str(tmp_path / "x")]
+    trace.calls.clear()
+    atomic.rename(tmp_path / "y" / "a", tmp_path / "y" / "b", durable=False)
+    assert trace.count("fsync") == 0
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"noreplace": False},
+        {"noreplace": False, "hardlinks": False},
+        {"noreplace": False, "ignores_flags": True},
+    ],
+)
+def test_rename_fallbacks(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder, flags: Any
+) -> None:
+    force_caps(exchange=False, **flags)
+    (tmp_path / "a").write_text("A")
+    (tmp_path / "b").write_text("B")
+    with pytest.raises(FileExistsError) as info:
+        atomic.rename(tmp_path / "a", tmp_path / "b")
+    assert info.value.filename == str(tmp_path / "b")
+    assert (tmp_path / "b").read_text() == "B"
+    atomic.rename(tmp_path / "a", tmp_path / "c")
+    assert listing(tmp_path) == ["b", "c"]
+    assert (tmp_path / "c").read_text() == "A"
+    assert trace.count("renameat2") == 0
+    assert trace.count("link") == (1 if flags.get("hardlinks", True) else 0) * 2
+
+
+def test_rename_directory_with_link_fallback(
+    tmp_path: Path, force_caps: Callable[..., Capabilities]
+) -> None:
+    # link() never works for a directory: the last resort takes over.
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "keep").write_text("k")
+    with pytest.raises(FileExistsError):
+        atomic.rename(tmp_path / "d", tmp_path / "e")
+    atomic.rename(tmp_path / "d", tmp_path / "f")
+    assert listing(tmp_path) == ["e", "f"]
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_renameat2_refused_at_call_time(tmp_path: Path, trace: Recorder, code: int) -> None:
+    atomic.capabilities(tmp_path / "a")
+    (tmp_path / "a").write_text("A")
+    (tmp_path / "b").write_text("B")
+    trace.fail("renameat2", code, times=None)
+    with pytest.raises(FileExistsError):
+        atomic.rename(tmp_path / "a", tmp_path / "b")
+    atomic.rename(tmp_path / "a", tmp_path / "c")
+    assert listing(tmp_path) == ["b", "c"]
+    assert [c.name for c in trace.calls if c.name in ("link", "unlink")] == [
+        "link",
+        "link",
+        "unlink",
+    ]
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP])
+def test_link_refused_uses_the_last_resort(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder, code: int
+) -> None:
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "a").write_text("A")
+    trace.fail("link", code, times=None)
+    atomic.rename(tmp_path / "a", tmp_path / "b")
+    assert listing(tmp_path) == ["b"]
+    assert trace.count("rename") == 1
+
+
+def test_link_fallback_loses_a_race_cleanly(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    # Another consumer moves the source away between our link and unlink.
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "msg").write_text("m")
+
+    def link_then_lose(src: str, dst: str) -> None:
+        os.link(src, dst)
+        os.rename(src, tmp_path / "theirs")
+
+    trace.replace["link"] = link_then_lose
+    with pytest.raises(FileNotFoundError) as info:
+        atomic.rename(tmp_path / "msg", tmp_path / "mine")
+    assert info.value.errno == errno.ENOENT
+    assert listing(tmp_path) == ["theirs"]
+
+
+def test_link_retransmitted_eexist_is_recognised(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    # NFS may redo a link() that succeeded and answer EEXIST: same inode.
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "msg").write_text("m")
+    trace.fail("link", errno.EEXIST, after=True)
+    atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert listing(tmp_path) == ["new"]
+
+
+def test_link_eexist_of_another_file_is_a_clash(
+    tmp_path: Path, force_caps: Callable[..., Capabilities]
+) -> None:
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "msg").write_text("m")
+    (tmp_path / "new").write_text("n")
+    with pytest.raises(FileExistsError) as info:
+        atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert info.value.filename == str(tmp_path / "new")
+    assert (tmp_path / "new").read_text() == "n"
+    assert (tmp_path / "msg").read_text() == "m"
+
+
+# -- swap -----------------------------------------------------------------
+
+
+def test_swap_files_and_directories(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("A")
+    (tmp_path / "b").mkdir()
+    atomic.swap(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b").read_text() == "A"
+    assert (tmp_path / "a").is_dir()
+
+
+def test_swap_missing(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("A")
+    with pytest.raises(FileNotFoundError) as info:
+        atomic.swap(tmp_path / "a", tmp_path / "b")
+    assert info.value.errno == errno.ENOENT
+    assert listing(tmp_path) == ["a"]
+
+
+def test_swap_durable_syncs_both_directories(tmp_path: Path, trace: Recorder) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "a").write_text("A")
+    (tmp_path / "b").write_text("B")
+    atomic.capabilities(tmp_path / "x" / "a")
+    trace.calls.clear()
+    atomic.swap(tmp_path / "x" / "a", tmp_path / "b")
+    assert trace.fsynced_paths() == [str(tmp_path / "x"), str(tmp_path)]
+    assert (tmp_path / "b").read_text() == "A"
+
+
+@pytest.mark.parametrize("flags", [{"exchange": False}, {"ignores_flags": True}])
+def test_swap_unsupported_is_an_error_not_a_silent_swap(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder, flags: Any
+) -> None:
+    caps = {"exchange": False, **flags}
+    if caps.get("ignores_flags"):
+        caps["noreplace"] = False
+    force_caps(**caps)
+    (tmp_path / "a").write_text("A")
+    (tmp_path / "b").write_text("B")
+    with pytest.raises(OSError) as info:
+        atomic.swap(tmp_path / "a", tmp_path / "b")
+    assert info.value.errno == errno.EOPNOTSUPP
+    assert info.value.filename == str(tmp_path / "a")
+    assert info.value.filename2 == str(tmp_path / "b")
+    assert trace.count("renameat2") == trace.count("rename") == 0
+    assert (tmp_path / "a").read_text() == "A"
+    assert (tmp_path / "b").read_text() == "B"
+
+
+def test_swap_refused_at_call_time(tmp_path: Path, trace: Recorder) -> None:
+    atomic.capabilities(tmp_path / "a")
+    (tmp_path / "a").write_text("A")
+    (tmp_path / "b").write_text("B")
+    trace.fail("renameat2", errno.EINVAL)
+    with pytest.raises(OSError) as info:
+        atomic.swap(tmp_path / "a", tmp_path / "b")
+    assert info.value.errno == errno.EOPNOTSUPP
+    assert "EINVAL" in str(info.value)
+    assert (tmp_path / "a").read_text() == "A"
+
+
+# -- capabilities ---------------------------------------------------------
+
+
+def test_capabilities_of_this_filesystem(tmp_path: Path, fresh_probe: None) -> None:
+    caps = atomic.capabilities(tmp_path / "anything")
+    assert caps == Capabilities(noreplace=True, exchange=True, hardlinks=True)
+    assert listing(tmp_path) == []
+
+
+def test_probe_runs_once_per_device(tmp_path: Path, fresh_probe: None, trace: Recorder) -> None:
+    atomic.capabilities(tmp_path / "a")
+    probe_calls = len(trace.calls)
+    assert probe_calls > 0
+    (tmp_path / "sub").mkdir()
+    atomic.capabilities(tmp_path / "sub" / "b")
+    atomic.write_bytes(tmp_path / "c", b"c")
+    assert not [c for c in trace.calls[probe_calls:] if ".probe." in str(c.args[0])]
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_probe_sees_refused_flags(
+    tmp_path: Path, fresh_probe: None, trace: Recorder, code: int
+) -> None:
+    trace.fail("renameat2", code, times=None)
+    caps = atomic.capabilities(tmp_path / "a")
+    assert caps == Capabilities(noreplace=False, exchange=False, hardlinks=True)
+    assert listing(tmp_path) == []
+
+
+def test_probe_detects_dropped_flags(tmp_path: Path, fresh_probe: None, trace: Recorder) -> None:
+    # What a libfuse 3 passthrough does: return 0 and rename plainly.
+    def plain_rename(src: str, dst: str, flags: int) -> None:
+        os.rename(src, dst)
+
+    trace.replace["renameat2"] = plain_rename
+    caps = atomic.capabilities(tmp_path / "a")
+    assert caps == Capabilities(noreplace=False, exchange=False, hardlinks=True, ignores_flags=True)
+    (tmp_path / "a").write_text("A")
+    (tmp_path / "b").write_text("B")
+    with pytest.raises(FileExistsError):
+        atomic.rename(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b").read_text() == "B"
+    assert listing(tmp_path) == ["a", "b"]
+
+
+def test_probe_detects_dropped_exchange(tmp_path: Path, fresh_probe: None, trace: Recorder) -> None:
+    def drop_exchange(src: str, dst: str, flags: int) -> None:
+        if flags == _renameat2.RENAME_EXCHANGE:
+            os.rename(src, dst)
+        else:
+            _renameat2.renameat2(src, dst, flags)
+
+    trace.replace["renameat2"] = drop_exchange
+    caps = atomic.capabilities(tmp_path / "a")
+    assert caps.ignores_flags
+    assert not caps.exchange
+    assert not caps.noreplace
+
+
+def test_probe_without_links(tmp_path: Path, fresh_probe: None, trace: Recorder) -> None:
+    trace.fail("link", errno.EPERM)
+    caps = atomic.capabilities(tmp_path / "a")
+    assert caps == Capabilities(noreplace=True, exchange=True, hardlinks=False)
+
+
+def test_probe_that_cannot_write_assumes_and_retries(
+    tmp_path: Path, fresh_probe: None, trace: Recorder
+) -> None:
+    trace.fail("mkdir", errno.EACCES)
+    caps = atomic.capabilities(tmp_path / "a")
+    assert caps == Capabilities(noreplace=True, exchange=True, hardlinks=True)
+    assert _rename._cache == {}
+    atomic.capabilities(tmp_path / "a")
+    assert len(_rename._cache) == 1
+
+
+def test_capabilities_of_a_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        atomic.capabilities(tmp_path / "nope" / "x")
+
+
+# -- clean ----------------------------------------------------------------
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+
+
+def test_clean_removes_stale_staging_only(tmp_path: Path) -> None:
+    stale_file = tmp_path / ".a.atomstore-0123456789ab.tmp"
+    stale_file.write_text("x")
+    stale_tree = tmp_path / ".b.atomstore-0123456789ab.new"
+    (stale_tree / "sub").mkdir(parents=True)
+    (stale_tree / "sub" / "f").write_text("f")
+    young = tmp_path / ".c.atomstore-0123456789ab.tmp"
+    young.write_text("y")
+    mine = tmp_path / ".hidden"
+    mine.write_text("user's")
+    lookalike = tmp_path / ".d.atomstore-xyz.tmp"
+    lookalike.write_text("user's")
+    for path in (stale_file, stale_tree, mine, lookalike):
+        age(path, 7200)
+    removed = atomic.clean(tmp_path, older_than=3600)
+    assert sorted(removed) == sorted([str(stale_file), str(stale_tree)])
+    assert listing(tmp_path) == sorted([young.name, mine.name, lookalike.name])
+    assert atomic.clean(tmp_path, older_than=0) == [str(young)]
+
+
+def test_clean_puts_back_a_tree_moved_aside(tmp_path: Path) -> None:
+    aside = tmp_path / ".out.atomstore-0123456789ab.old"
+    aside.mkdir()
+    (aside / "f").write_text("old")
+    staging = tmp_path / ".out.atomstore-ba9876543210.new"
+    staging.mkdir()
+    atomic.clean(tmp_path, older_than=0)
+    assert listing(tmp_path) == ["out"]
+    assert (tmp_path / "out" / "f").read_text() == "old"
+
+
+def test_clean_removes_a_tree_moved_aside_once_replaced(tmp_path: Path) -> None:
+    aside = tmp_path / ".out.atomstore-0123456789ab.old"
+    aside.mkdir()
+    (tmp_path / "out").mkdir()
+    assert atomic.clean(tmp_path, older_than=0) == [str(aside)]
+    assert listing(tmp_path) == ["out"]
+
+
+def test_clean_keeps_a_tree_whose_name_was_cut(tmp_path: Path) -> None:
+    aside = tmp_path / (".{}.atomstore-0123456789ab.old".format("x" * 200))
+    aside.mkdir()
+    assert atomic.clean(tmp_path, older_than=0) == []
+    assert listing(tmp_path) == [aside.name]
+
+
+def test_clean_arguments(tmp_path: Path) -> None:
+    import datetime
+
+    assert atomic.clean(tmp_path, older_than=datetime.timedelta(hours=1)) == []
+    with pytest.raises(ValueError, match="negative"):
+        atomic.clean(tmp_path, older_than=-1)
+    with pytest.raises(TypeError, match="older_than"):
+        atomic.clean(tmp_path, older_than="1h")  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError):
+        atomic.clean(tmp_path / "missing")
+
+
+def test_crash_leftovers_are_cleaned(tmp_path: Path) -> None:
+    # A writer killed in the middle leaves its temporary file behind.
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        with atomic.file(tmp_path / "state") as f:
+            f.write("half")
+            os._exit(0)
+    os.waitpid(pid, 0)
+    (left,) = listing(tmp_path)
+    assert left.startswith(".state.atomstore-")
+    assert atomic.clean(tmp_path, older_than=0) == [str(tmp_path / left)]
+    assert listing(tmp_path) == []
+
+
+def test_long_names_are_cut_to_fit(tmp_path: Path) -> None:
+    name = "\u00e9" * 127  # 254 bytes
+    with atomic.file(tmp_path / name, "wb") as f:
+        (temp,) = listing(tmp_path)
+        assert len(os.fsencode(temp)) <= 255
+        f.write(b"x")
+    assert listing(tmp_path) == [name]
+
+
+# -- the renameat2 binding ------------------------------------------------
+
+
+def test_binding_errors_carry_errno_and_both_names(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        _renameat2.renameat2(str(tmp_path / "a"), str(tmp_path / "b"), 0)
+    assert info.value.errno == errno.ENOENT
+    assert info.value.filename == str(tmp_path / "a")
+    assert info.value.filename2 == str(tmp_path / "b")
+    (tmp_path / "a").write_text("a")
+    with pytest.raises(OSError) as both:
+        _renameat2.renameat2(
+            str(tmp_path / "a"),
+            str(tmp_path / "a"),
+            _renameat2.RENAME_EXCHANGE | _renameat2.RENAME_NOREPLACE,
+        )
+    assert both.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize(
+    ("machine", "size", "number"),
+    [
+        ("x86_64", 8, 316),
+        ("x86_64", 4, 0x40000000 | 316),
+        ("i686", 4, 353),
+        ("aarch64", 8, 276),
+        ("armv7l", 4, 382),
+        ("riscv64", 8, 276),
+        ("loongarch64", 8, 276),
+        ("ppc64le", 8, 357),
+        ("ppc", 4, 357),
+        ("s390x", 8, 347),
+        ("sparc64", 8, None),
+    ],
+)
+def test_syscall_numbers(machine: str, size: int, number: Any) -> None:
+    assert _renameat2._syscall_number(machine, size) == number
+
+
+@pytest.mark.skipif(
+    not (os.uname().machine == "x86_64" and ctypes.sizeof(ctypes.c_void_p) == 8),
+    reason="the syscall() path is exercised on x86_64 (the numbers above cover the rest)",
+)
+def test_syscall_path_without_the_libc_symbol(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ctypes.CDLL(None, use_errno=True)
+
+    class NoRenameat2:
+        syscall = real.syscall
+
+        def __getattr__(self, name: str) -> Any:
+            raise AttributeError(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: NoRenameat2())
+    call = _renameat2._linux_binding()
+    assert call is not None
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    assert call(os.fsencode(tmp_path / "a"), os.fsencode(tmp_path / "b"), 1) == -1
+    assert ctypes.get_errno() == errno.EEXIST
+    assert call(os.fsencode(tmp_path / "a"), os.fsencode(tmp_path / "b"), 2) == 0
+    assert (tmp_path / "a").read_text() == "b"
+
+
+def test_unavailable_binding_is_enosys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_renameat2, "_call", None)
+    with pytest.raises(OSError) as info:
+        _renameat2.renameat2("a", "b", 0)
+    assert info.value.errno == errno.ENOSYS
+
+
+def test_probe_without_renameat2(
+    tmp_path: Path, fresh_probe: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_renameat2, "AVAILABLE", False)
+    caps = atomic.capabilities(tmp_path / "a")
+    assert caps == Capabilities(noreplace=False, exchange=False, hardlinks=True)
+    (tmp_path / "a").write_text("A")
+    atomic.rename(tmp_path / "a", tmp_path / "b")
+    assert listing(tmp_path) == ["b"]
