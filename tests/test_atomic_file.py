@@ -397,6 +397,13 @@ def test_write_bytes_and_text(tmp_path: Path) -> None:
     assert (tmp_path / "l").read_bytes() == b"h\xe9"
 
 
+def test_write_text_default_encoding(tmp_path: Path) -> None:
+    import locale
+
+    atomic.write_text(tmp_path / "t", "plain")
+    assert (tmp_path / "t").read_text(encoding=locale.getpreferredencoding(False)) == "plain"
+
+
 def test_write_bytes_and_text_check_types(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="bytes-like"):
         atomic.write_bytes(tmp_path / "b", "text")  # type: ignore[arg-type]

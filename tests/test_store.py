@@ -136,12 +136,12 @@ def test_prepare_is_durable(tmp_path: Path, trace: Recorder) -> None:
 def test_unprepared_store_errors_name_the_area(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
     for call in (lambda: store.create("x"), lambda: store.add(b"x")):
-        with pytest.raises(FileNotFoundError, match="prepare") as info:
+        with pytest.raises(FileNotFoundError, match="prepared") as info:
             call()
         assert info.value.filename == str(tmp_path / "store" / "tmp")
-    with pytest.raises(FileNotFoundError, match="prepare"):
+    with pytest.raises(FileNotFoundError, match="prepared"):
         store.list("new")
-    with pytest.raises(FileNotFoundError, match="prepare"):
+    with pytest.raises(FileNotFoundError, match="prepared"):
         store.claim()
 
 

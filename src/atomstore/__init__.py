@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 from . import atomic
-from ._store import Claim, ClaimLostError, FileStore
+from ._store import Claim, ClaimLostError, Claims, FileStore
 from .atomic import Capabilities
 
-__all__ = ["Capabilities", "Claim", "ClaimLostError", "FileStore", "atomic"]
+__all__ = ["Capabilities", "Claim", "ClaimLostError", "Claims", "FileStore", "atomic"]
 __version__ = "0.1.0.dev0"

@@ -10,18 +10,20 @@ from __future__ import annotations
 import builtins
 import errno
 import itertools
+import math
 import os
 import socket
 import stat
 import time
 from typing import IO, Any
 
-from . import _fileobj, _names, _rename, _staging, _syscalls, _tree, atomic
+from . import _fileobj, _names, _rename, _staging, _syscalls, _tree, _watch, atomic
 from ._rename import Capabilities
 
 AREAS = ("tmp", "new", "cur")
 _NAME_MAX = 255
 _COPY_CHUNK = 1 << 20
+_DEFAULT_POLL = 0.5
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 # Maildir's info part: "<unique>:<version>,<fields>".  atomstore writes
@@ -121,6 +123,11 @@ class FileStore:
         default files get 0o666 and directories 0o777, minus the umask.
     :param hostname: the host part of :meth:`unique_name`; by default
         :func:`socket.gethostname`.
+    :param poll_interval: seconds between looks into ``new/`` while waiting
+        for messages.  By default waiting relies on inotify, and polls every
+        0.5 s only where inotify cannot see every change: on network and
+        FUSE filesystems (another host's writes) and where inotify is
+        missing.
     """
 
     def __init__(
@@ -130,6 +137,7 @@ class FileStore:
         durable: bool = True,
         mode: int | None = None,
         hostname: str | None = None,
+        poll_interval: float | None = None,
     ) -> None:
         self.path = os.path.abspath(atomic.fspath(path))
         self.durable = durable
@@ -141,6 +149,11 @@ class FileStore:
         elif not isinstance(hostname, str) or not hostname:
             raise ValueError(f"hostname must be a non-empty str: {hostname!r}")
         self._host = escape_hostname(hostname)
+        if poll_interval is not None:
+            poll_interval = atomic.seconds(poll_interval, "poll_interval")
+            if poll_interval <= 0:
+                raise ValueError(f"poll_interval must be positive: {poll_interval!r}")
+        self.poll_interval = poll_interval
         self._dirs = {area: os.path.join(self.path, area) for area in AREAS}
         self._caps: Capabilities | None = None
         # Names of new/ from one listing, oldest last: claims pop from it, so
@@ -186,7 +199,7 @@ class FileStore:
 
     def _not_prepared(self, area: str) -> FileNotFoundError:
         return FileNotFoundError(
-            errno.ENOENT, "no such store area (call prepare() first)", self._dirs[area]
+            errno.ENOENT, "no such store area (is the store prepared?)", self._dirs[area]
         )
 
     # -- the classic API ------------------------------------------------
@@ -392,15 +405,71 @@ class FileStore:
         target = os.path.join(self._dirs["new"], name)
         _staging.publish(temp, target, self._capabilities(), self.durable)
 
-    def claim(self) -> Claim | None:
+    def claim(self, wait: float | None = None) -> Claim | None:
         """Claim the oldest message of ``new/`` by moving it into ``cur/``.
 
         The rename decides: two consumers, in any processes, never claim the
         same message.  The claimed name records the attempt count, the time
         and the claimant.
 
-        :returns: the :class:`Claim`, or None when ``new/`` is empty.
+        :param wait: seconds to wait for a message when ``new/`` is empty
+            (``math.inf``: for ever); it is woken by inotify, not by busy
+            polling.  A signal handler that raises interrupts the wait.
+        :returns: the :class:`Claim`, or None when ``new/`` is (still) empty.
         """
+        claim = self._claim_now()
+        if claim is not None or not wait:
+            return claim
+        deadline = time.monotonic() + atomic.seconds(wait, "wait")
+        with self._waiter() as waiter:
+            while True:
+                claim = self._claim_now()
+                if claim is not None:
+                    return claim
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                waiter.wait(None if remaining == math.inf else remaining)
+
+    def claims(self, *, timeout: float | None = None) -> Claims:
+        """An iterator of claims, waiting for each message as it arrives.
+
+        Stop it from another thread or a signal handler with
+        :meth:`Claims.stop`; close it (or use it as a context manager) to
+        release its inotify descriptor.
+
+        :param timeout: stop when no message arrived for this many seconds;
+            by default wait for ever.
+        """
+        if timeout is not None:
+            timeout = atomic.seconds(timeout, "timeout")
+        return Claims(self, self._waiter(), timeout)
+
+    def _waiter(self) -> _watch.Waiter:
+        try:
+            return _watch.Waiter(self._dirs["new"], self.poll_interval, _DEFAULT_POLL)
+        except FileNotFoundError:
+            raise self._not_prepared("new") from None
+
+    def claimed(self, name: str) -> Claim:
+        """The :class:`Claim` for a claimed file in ``cur/``, by name or path.
+
+        Lets another process (a shell script, say) finish or release a claim
+        that :meth:`claim` printed.
+
+        :raises ValueError: ``name`` is not a claim's name.
+        """
+        name = self._name(name, "cur")
+        base, fields = split_info(name)
+        try:
+            claimed_at = int(fields["C"]) / 1e6
+            token = fields["T"]
+        except (KeyError, ValueError):
+            raise ValueError(f"{name!r} is not the name of a claim") from None
+        path = os.path.join(self._dirs["cur"], name)
+        return Claim(self, base, path, _attempts(fields), claimed_at, token)
+
+    def _claim_now(self) -> Claim | None:
         new_dir, cur_dir = self._dirs["new"], self._dirs["cur"]
         backlog = self._backlog
         while True:
@@ -652,3 +721,48 @@ class Claim:
             _tree.sync_dir(store._dirs["new"])
             _tree.sync_dir(store._dirs["cur"])
         return back
+
+
+class Claims:
+    """Claims as messages arrive; see :meth:`FileStore.claims`."""
+
+    def __init__(self, store: FileStore, waiter: _watch.Waiter, timeout: float | None) -> None:
+        self._store = store
+        self._waiter = waiter
+        self._timeout = timeout
+
+    def __iter__(self) -> Claims:
+        return self
+
+    def __next__(self) -> Claim:
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        while not self._waiter.stopped:
+            claim = self._store._claim_now()
+            if claim is not None:
+                return claim
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            self._waiter.wait(remaining)
+        self.close()
+        raise StopIteration
+
+    def stop(self) -> None:
+        """End the iteration; safe from other threads and signal handlers."""
+        self._waiter.stop()
+
+    @property
+    def uses_inotify(self) -> bool:
+        """Whether inotify wakes this iterator (else it polls)."""
+        return self._waiter.uses_inotify
+
+    def close(self) -> None:
+        """Stop and release the inotify descriptor."""
+        self._waiter.stop()
+        self._waiter.close()
+
+    def __enter__(self) -> Claims:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -251,7 +251,7 @@ def write_text(
         raise TypeError(f"text must be str, not {type(text).__name__}")
     if hasattr(io, "text_encoding"):  # Python 3.10+: EncodingWarning as open()
         encoding = io.text_encoding(encoding, 2)
-    elif encoding is None:  # pragma: no cover - Python 3.9
+    if encoding is None or encoding == "locale":
         encoding = locale.getpreferredencoding(False)
     data = text.encode(encoding, errors or "strict")
     write_bytes(

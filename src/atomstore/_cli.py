@@ -1,0 +1,272 @@
+"""The ``atomstore`` command: atomic writes and a file queue for shell scripts.
+
+Exit statuses: 0 success, 1 error (a message on stderr), 2 bad usage,
+3 nothing to take (``take`` found no message in time), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from . import __version__, atomic
+from ._store import AREAS, FileStore
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_EMPTY = 3
+EXIT_INTERRUPTED = 130
+
+_CHUNK = 1 << 20
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$")
+
+_EPILOG = f"""\
+exit status: {EXIT_OK} success, {EXIT_ERROR} error, {EXIT_USAGE} bad usage, \
+{EXIT_EMPTY} nothing to take, {EXIT_INTERRUPTED} interrupted
+"""
+
+
+def duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``36h``, ``2d`` or ``inf``."""
+    if text.strip().lower() in ("inf", "forever"):
+        return math.inf
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use seconds, or a number with s, m, h or d"
+        )
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def permissions(text: str) -> int:
+    """Permission bits from an octal string such as ``0644``."""
+    try:
+        value = int(text, 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o7777:
+        raise argparse.ArgumentTypeError(f"invalid mode {text!r}: use octal bits such as 0644")
+    return value
+
+
+def _store(args: argparse.Namespace) -> FileStore:
+    return FileStore(args.dir, durable=not args.no_sync)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    with atomic.file(
+        args.path,
+        "wb",
+        overwrite=args.overwrite,
+        durable=not args.no_sync,
+        perms=args.mode,
+    ) as f:
+        shutil.copyfileobj(sys.stdin.buffer, f, _CHUNK)
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    _store(args).prepare()
+    return EXIT_OK
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    store = _store(args)
+    for source in args.files or ["-"]:
+        if source == "-":
+            name = store.add(sys.stdin.buffer)
+        else:
+            with open(source, "rb") as f:
+                name = store.add(f)
+        _print(name)
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    for path in _store(args).list(args.area):
+        _print(path)
+    return EXIT_OK
+
+
+def cmd_take(args: argparse.Namespace) -> int:
+    claim = _store(args).claim(wait=args.wait)
+    if claim is None:
+        return EXIT_EMPTY
+    _print(claim.path)
+    return EXIT_OK
+
+
+def cmd_done(args: argparse.Namespace) -> int:
+    _store(args).claimed(args.name).finish()
+    return EXIT_OK
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    _print(_store(args).claimed(args.name).release())
+    return EXIT_OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    for name in _store(args).recover(args.older_than):
+        _print(name)
+    return EXIT_OK
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    for path in _store(args).clean(args.older_than):
+        _print(path)
+    return EXIT_OK
+
+
+def area_stats(store: FileStore) -> dict[str, dict[str, Any]]:
+    """Per area: how many files, and the age in seconds of the oldest."""
+    now = time.time()
+    stats: dict[str, dict[str, Any]] = {}
+    for area in AREAS:
+        oldest = math.inf
+        paths = store.list(area)
+        for path in paths:
+            try:
+                oldest = min(oldest, os.lstat(path).st_mtime)
+            except FileNotFoundError:  # taken meanwhile
+                continue
+        age = None if oldest == math.inf else round(max(0.0, now - oldest), 3)
+        stats[area] = {"count": len(paths), "oldest_age": age}
+    return stats
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    stats = area_stats(_store(args))
+    if args.json:
+        _print(json.dumps(stats, sort_keys=True))
+        return EXIT_OK
+    _print(f"{'area':<6}{'count':>10}  oldest")
+    for area, row in stats.items():
+        age = "-" if row["oldest_age"] is None else f"{row['oldest_age']:.1f}s"
+        _print(f"{area:<6}{row['count']:>10}  {age}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atomstore",
+        description="Atomic file writes and a lock-free file queue (maildir style).",
+        epilog=_EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text, epilog=_EPILOG)
+        sub.add_argument(
+            "--no-sync",
+            action="store_true",
+            help="skip fsync: faster, but a machine crash may lose the change",
+        )
+        sub.set_defaults(func=func)
+        return sub
+
+    def store_command(
+        name: str, func: Callable[[argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
+        sub = command(name, func, text)
+        sub.add_argument("dir", metavar="DIR", help="the store's directory")
+        return sub
+
+    write = command(
+        "write", cmd_write, "write standard input to PATH atomically (old or new, never half)"
+    )
+    write.add_argument("path", metavar="PATH")
+    write.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
+    write.add_argument(
+        "--mode", type=permissions, help="permission bits of the file, e.g. 0644 (exact)"
+    )
+
+    store_command("init", cmd_init, "create a store (DIR with tmp/, new/ and cur/)")
+    put = store_command(
+        "put", cmd_put, "deliver FILEs (or standard input) as new messages; print their names"
+    )
+    put.add_argument("files", metavar="FILE", nargs="*", help="files to deliver; - is stdin")
+    ls = store_command("ls", cmd_ls, "list the files of an area, oldest first")
+    ls.add_argument("area", metavar="AREA", nargs="?", default="new", choices=AREAS)
+    take = store_command(
+        "take", cmd_take, f"claim the oldest message and print its path (exit {EXIT_EMPTY}: none)"
+    )
+    take.add_argument(
+        "--wait",
+        type=duration,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for a message (30, 5m, inf)",
+    )
+    done = store_command("done", cmd_done, "finish a claim: remove the message")
+    done.add_argument("name", metavar="NAME", help="the path (or name) take printed")
+    release = store_command(
+        "release", cmd_release, "give a claim back to new/ (one attempt); print its name"
+    )
+    release.add_argument("name", metavar="NAME", help="the path (or name) take printed")
+    recover = store_command("recover", cmd_recover, "return claims older than a lease to new/")
+    recover.add_argument(
+        "--older-than",
+        type=duration,
+        required=True,
+        metavar="DURATION",
+        help="the lease: 90s, 15m, 36h, 2d",
+    )
+    clean = store_command("clean", cmd_clean, "remove stale files from tmp/ and staging files")
+    clean.add_argument(
+        "--older-than",
+        type=duration,
+        default=atomic.DEFAULT_STALE_AGE,
+        metavar="DURATION",
+        help="what counts as stale (default 36h)",
+    )
+    stat = store_command("stat", cmd_stat, "count the files of each area, with the oldest's age")
+    stat.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def describe(error: BaseException) -> str:
+    """One line for an error, naming the file(s) involved."""
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+        if error.filename is not None:
+            text += f": {os.fsdecode(error.filename)}"
+        if error.filename2 is not None:
+            text += f" -> {os.fsdecode(error.filename2)}"
+        return text
+    return str(error) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.func(args)
+        return status
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read our output went away (``atomstore ls | head``).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except (OSError, ValueError, TypeError) as e:
+        print(f"atomstore: error: {describe(e)}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,187 @@
+"""Waiting for a directory to gain entries, without busy polling.
+
+On Linux an inotify watch (through ctypes: no dependency) wakes the waiter
+when a name is created in or moved into the directory.  inotify sees only
+changes made through this kernel: on a network or FUSE filesystem another
+host's writes go unseen, so there the waiter also polls.  Where inotify is
+missing (other systems, or the per-user instance limit is reached) it only
+polls.
+
+A waiter is stopped from any thread, or from a signal handler, by
+:meth:`Waiter.stop`, which writes to a self-pipe the waiter selects on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import select
+import sys
+import threading
+
+# <sys/inotify.h>
+_IN_CREATE = 0x100
+_IN_MOVED_TO = 0x80
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+
+# Filesystems whose changes may come from another host (mount types as
+# /proc/self/mountinfo names them); every FUSE filesystem is counted in.
+_REMOTE_TYPES = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "ceph",
+        "9p",
+        "afs",
+        "gfs2",
+        "ocfs2",
+        "lustre",
+        "glusterfs",
+        "beegfs",
+        "gpfs",
+        "fuse",
+        "fuseblk",
+    }
+)
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _inotify() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None  # pragma: no cover - Linux only
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    except AttributeError:  # pragma: no cover - a C library without inotify
+        return None
+    return libc
+
+
+_libc = _inotify()
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem mounted at ``path`` ("" if unknown)."""
+    target = os.path.realpath(path)
+    best, best_type = "", ""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw"
+                fields, _, rest = line.partition(" - ")
+                parts = fields.split()
+                if len(parts) < 5 or not rest:
+                    continue
+                mount_point = _unescape(parts[4])
+                inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, best_type = mount_point, rest.split()[0]
+    except OSError:  # pragma: no cover - no /proc
+        return ""
+    return best_type
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), field)
+
+
+def is_remote(path: str) -> bool:
+    """Whether changes under ``path`` may come from another host."""
+    kind = filesystem_type(path)
+    return kind in _REMOTE_TYPES or kind.startswith("fuse.")
+
+
+class Waiter:
+    """Wakes when names appear in ``directory``, a poll is due, or on stop.
+
+    :param poll_interval: seconds between polls where inotify cannot see
+        every change (None: only where needed, at ``default_poll``).
+    """
+
+    def __init__(self, directory: str, poll_interval: float | None, default_poll: float) -> None:
+        self._read, self._write = os.pipe()  # not inherited by children
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._stopped = threading.Event()
+        self._inotify = -1
+        self._lock = threading.Lock()
+        if _libc is not None:
+            fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+            if fd >= 0:
+                wd = _libc.inotify_add_watch(fd, os.fsencode(directory), _IN_CREATE | _IN_MOVED_TO)
+                if wd >= 0:
+                    self._inotify = fd
+                else:
+                    code = ctypes.get_errno()
+                    os.close(fd)
+                    if code in (errno.ENOENT, errno.ENOTDIR):
+                        self.close()
+                        raise OSError(code, os.strerror(code), directory)
+        if poll_interval is None and (self._inotify < 0 or is_remote(directory)):
+            poll_interval = default_poll
+        self.poll_interval = poll_interval
+
+    @property
+    def uses_inotify(self) -> bool:
+        """Whether inotify wakes this waiter (else it only polls)."""
+        return self._inotify >= 0
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def stop(self) -> None:
+        """Wake the waiter for good; safe from other threads and signal handlers."""
+        self._stopped.set()
+        # Never block: a signal handler may interrupt close() in this thread.
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._write >= 0:
+                    os.write(self._write, b"x")
+            except OSError:  # the pipe is full: already woken
+                pass
+            finally:
+                self._lock.release()
+
+    def wait(self, timeout: float | None) -> None:
+        """Return after a change, a poll interval, ``timeout`` or :meth:`stop`."""
+        if self._stopped.is_set():
+            return
+        if self.poll_interval is not None:
+            timeout = self.poll_interval if timeout is None else min(timeout, self.poll_interval)
+        fds = [self._read] + ([self._inotify] if self._inotify >= 0 else [])
+        readable, _, _ = select.select(fds, [], [], timeout)
+        for fd in readable:
+            _drain(fd)
+
+    def close(self) -> None:
+        """Release the descriptors."""
+        with self._lock:
+            for fd in (self._inotify, self._read, self._write):
+                if fd >= 0:
+                    os.close(fd)
+            self._inotify = self._read = self._write = -1
+
+    def __enter__(self) -> Waiter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
