@@ -14,8 +14,8 @@ from typing import Callable
 import pytest
 
 from atomstore import Claim, ClaimLostError, FileStore
+from atomstore._info import escape_hostname, join_info, split_info
 from atomstore._rename import Capabilities
-from atomstore._store import escape_hostname, join_info, split_info
 from tracing import Recorder
 
 
@@ -148,7 +148,7 @@ def test_unprepared_store_errors_name_the_area(tmp_path: Path) -> None:
 # -- validation -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("area", ["", "nEw", "../tmp", "tmp/", "dead", None, 1])
+@pytest.mark.parametrize("area", ["", "nEw", "../tmp", "tmp/", "dead/", None, 1])
 def test_unknown_area(store: FileStore, area: object) -> None:
     with pytest.raises(ValueError, match="unknown area") as info:
         store.list(area)  # type: ignore[arg-type]
@@ -536,7 +536,7 @@ def test_finish_and_release(store: FileStore) -> None:
     name = store.add(b"x")
     claim = store.claim()
     assert claim is not None
-    assert claim.release() == f"{name}:1,A1"
+    assert claim.release() == os.path.join(store.path, "new", f"{name}:1,A1")
     assert names(store, "new") == [f"{name}:1,A1"]
     again = store.claim()
     assert again is not None
@@ -646,7 +646,7 @@ def test_recover_returns_stale_claims(store: FileStore) -> None:
     claim = store.claim()
     assert claim is not None
     assert store.recover(3600) == []
-    assert store.recover(0) == [f"{name}:1,A1"]
+    assert store.recover(0) == [os.path.join(store.path, "new", f"{name}:1,A1")]
     assert names(store, "new") == [f"{name}:1,A1"]
 
 

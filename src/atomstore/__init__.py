@@ -7,8 +7,14 @@
 from __future__ import annotations
 
 from . import atomic
-from ._store import Claim, ClaimLostError, Claims, FileStore
+from ._claim import Claim, ClaimLostError, Claims
+from ._store import Batch, FileStore
 from .atomic import Capabilities
 
-__all__ = ["Capabilities", "Claim", "ClaimLostError", "Claims", "FileStore", "atomic"]
+__all__ = ["Batch", "Capabilities", "Claim", "ClaimLostError", "Claims", "FileStore", "atomic"]
 __version__ = "0.1.0.dev0"
+
+# Show the public names where users import them from (tracebacks, reprs).
+for _public in (Batch, Claim, ClaimLostError, Claims, FileStore):
+    _public.__module__ = __name__
+del _public

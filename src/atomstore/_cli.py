@@ -48,6 +48,17 @@ def duration(text: str) -> float:
     return float(match[1]) * _UNITS[match[2]]
 
 
+def positive_int(text: str) -> int:
+    """A count of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use a whole number >= 1")
+    return value
+
+
 def permissions(text: str) -> int:
     """Permission bits from an octal string such as ``0644``."""
     try:
@@ -60,7 +71,9 @@ def permissions(text: str) -> int:
 
 
 def _store(args: argparse.Namespace) -> FileStore:
-    return FileStore(args.dir, durable=not args.no_sync)
+    return FileStore(
+        args.dir, durable=not args.no_sync, max_attempts=getattr(args, "max_attempts", None)
+    )
 
 
 def _print(line: str) -> None:
@@ -121,8 +134,18 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    for name in _store(args).recover(args.older_than):
-        _print(name)
+    for path in _store(args).recover(args.older_than):
+        _print(path)
+    return EXIT_OK
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    store = _store(args)
+    names = store.list("dead") if args.all else args.names
+    if not names:
+        raise ValueError("name the dead letters to requeue, or pass --all")
+    for name in names:
+        _print(store.requeue(name))
     return EXIT_OK
 
 
@@ -203,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "put", cmd_put, "deliver FILEs (or standard input) as new messages; print their names"
     )
     put.add_argument("files", metavar="FILE", nargs="*", help="files to deliver; - is stdin")
-    ls = store_command("ls", cmd_ls, "list the files of an area, oldest first")
+    ls = store_command("ls", cmd_ls, "list an area (tmp, new, cur, dead), oldest first")
     ls.add_argument("area", metavar="AREA", nargs="?", default="new", choices=AREAS)
     take = store_command(
         "take", cmd_take, f"claim the oldest message and print its path (exit {EXIT_EMPTY}: none)"
@@ -218,10 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     done = store_command("done", cmd_done, "finish a claim: remove the message")
     done.add_argument("name", metavar="NAME", help="the path (or name) take printed")
     release = store_command(
-        "release", cmd_release, "give a claim back to new/ (one attempt); print its name"
+        "release", cmd_release, "give a claim back to new/ (one attempt); print its new path"
     )
     release.add_argument("name", metavar="NAME", help="the path (or name) take printed")
     recover = store_command("recover", cmd_recover, "return claims older than a lease to new/")
+    for sub in (release, recover):
+        sub.add_argument(
+            "--max-attempts",
+            type=positive_int,
+            metavar="N",
+            help="send a message that used N attempts to dead/ instead of new/",
+        )
+    requeue = store_command(
+        "requeue", cmd_requeue, "move dead letters back to new/ with fresh attempts"
+    )
+    requeue.add_argument("names", metavar="NAME", nargs="*", help="paths (or names) in dead/")
+    requeue.add_argument("--all", action="store_true", help="requeue every dead letter")
     recover.add_argument(
         "--older-than",
         type=duration,

@@ -2,101 +2,35 @@
 
 Producers write in ``tmp/`` and publish by an atomic rename into ``new/``;
 consumers claim by an atomic rename into ``cur/``.  Whoever wins the rename
-owns the file: no locks.
+owns the file: no locks.  Messages that failed too often go to ``dead/``.
 """
 
 from __future__ import annotations
 
 import builtins
 import errno
-import itertools
 import math
 import os
 import socket
 import stat
 import time
-from typing import IO, Any
+from collections.abc import Iterable
+from typing import IO, Any, Union
 
-from . import _fileobj, _names, _rename, _staging, _syscalls, _tree, _watch, atomic
+from . import _fileobj, _info, _rename, _staging, _syscalls, _tree, _watch, atomic
+from ._claim import READ_FLAGS, Claim, ClaimLostError, Claims
+from ._info import escape_hostname, split_info
 from ._rename import Capabilities
 
-AREAS = ("tmp", "new", "cur")
+__all__ = ["AREAS", "Batch", "Claim", "ClaimLostError", "Claims", "FileStore"]
+
+AREAS = ("tmp", "new", "cur", "dead")
+_PREPARED = ("tmp", "new", "cur")  # dead/ is made when the first message dies
 _NAME_MAX = 255
 _COPY_CHUNK = 1 << 20
 _DEFAULT_POLL = 0.5
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
-# Maildir's info part: "<unique>:<version>,<fields>".  atomstore writes
-# version 1 ("experimental semantics" in the maildir specification) with
-# comma-separated fields, each a letter and a value:
-#   A  attempts: claims of this message that ended without finish()
-#   C  when the current claim was made, microseconds since the epoch
-#   P  the claiming process's id
-#   T  a random token that makes each claim's name unique (fencing)
-_INFO_SEPARATOR = ":"
-_INFO_VERSION = "1,"
-
-_counter = itertools.count()
-_pid = os.getpid()
-
-
-def _reset_after_fork() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def escape_hostname(hostname: str) -> str:
-    """``hostname`` made safe for a maildir name.
-
-    The maildir specification escapes ``/`` as ``\\057`` and ``:`` as
-    ``\\072``; atomstore also escapes ``,`` (``\\054``), its info separator,
-    and ``\\`` itself.
-    """
-    return (
-        hostname.replace("\\", "\\134")
-        .replace("/", "\\057")
-        .replace(":", "\\072")
-        .replace(",", "\\054")
-    )
-
-
-def split_info(name: str) -> tuple[str, dict[str, str]]:
-    """Split a stored name into its unique part and its info fields."""
-    base, sep, info = name.rpartition(_INFO_SEPARATOR)
-    if not sep or not info.startswith(_INFO_VERSION):
-        return name, {}
-    fields = {}
-    for item in info[len(_INFO_VERSION) :].split(","):
-        if item:
-            fields[item[0]] = item[1:]
-    return base, fields
-
-
-def join_info(base: str, fields: dict[str, str]) -> str:
-    """The stored name of ``base`` with info ``fields`` (none: just base)."""
-    if not fields:
-        return base
-    items = ",".join(f"{key}{value}" for key, value in fields.items())
-    return f"{base}{_INFO_SEPARATOR}{_INFO_VERSION}{items}"
-
-
-def _attempts(fields: dict[str, str]) -> int:
-    try:
-        return int(fields.get("A", "0"))
-    except ValueError:
-        return 0
-
-
-class ClaimLostError(FileNotFoundError):
-    """The claim is no longer held: it was recovered, finished or released.
-
-    A subclass of :class:`FileNotFoundError` with ``errno`` ENOENT and the
-    claim's path as ``filename``.
-    """
+Data = Union[bytes, bytearray, memoryview, str, IO[bytes]]
 
 
 def _dir_mode(file_mode: int) -> int:
@@ -128,6 +62,9 @@ class FileStore:
         0.5 s only where inotify cannot see every change: on network and
         FUSE filesystems (another host's writes) and where inotify is
         missing.
+    :param max_attempts: after this many claims ended without finishing
+        (released or recovered), a message goes to ``dead/`` instead of back
+        to ``new/``; by default it is retried for ever.
     """
 
     def __init__(
@@ -138,6 +75,7 @@ class FileStore:
         mode: int | None = None,
         hostname: str | None = None,
         poll_interval: float | None = None,
+        max_attempts: int | None = None,
     ) -> None:
         self.path = os.path.abspath(atomic.fspath(path))
         self.durable = durable
@@ -154,11 +92,16 @@ class FileStore:
             if poll_interval <= 0:
                 raise ValueError(f"poll_interval must be positive: {poll_interval!r}")
         self.poll_interval = poll_interval
+        if max_attempts is not None and (
+            not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1
+        ):
+            raise ValueError(f"max_attempts must be a positive int: {max_attempts!r}")
+        self.max_attempts = max_attempts
         self._dirs = {area: os.path.join(self.path, area) for area in AREAS}
         self._caps: Capabilities | None = None
         # Names of new/ from one listing, oldest last: claims pop from it, so
         # a backlog of n costs one listing per n claims, not one per claim.
-        self._backlog: list[str] = []
+        self._backlog: builtins.list[str] = []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
@@ -167,7 +110,7 @@ class FileStore:
 
     def _area(self, area: object) -> str:
         if not isinstance(area, str) or area not in self._dirs:
-            raise ValueError(f"unknown area {area!r}: expected 'tmp', 'new' or 'cur'")
+            raise ValueError(f"unknown area {area!r}: expected 'tmp', 'new', 'cur' or 'dead'")
         return self._dirs[area]
 
     def _name(self, name: object, area: str) -> str:
@@ -213,7 +156,7 @@ class FileStore:
         """
         dir_mode = 0o777 if self.mode is None else _dir_mode(self.mode)
         created = _makedirs(self.path, dir_mode, self.mode is not None)
-        for area in AREAS:
+        for area in _PREPARED:
             if _makedirs(self._dirs[area], dir_mode, self.mode is not None):
                 created.append(self._dirs[area])
         self._caps = None
@@ -259,13 +202,16 @@ class FileStore:
     def list(self, area: str) -> builtins.list[str]:
         """The full paths of the files in ``area``, sorted by name.
 
-        Unique names sort by time.  The library's hidden staging files are
+        ``area`` is ``'tmp'``, ``'new'``, ``'cur'`` or ``'dead'``.  Unique
+        names sort by time.  The library's hidden staging files are
         left out.
         """
         directory = self._area(area)
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
+            if area == "dead":
+                return []  # no message has died yet
             raise self._not_prepared(area) from None
         return [os.path.join(directory, n) for n in sorted(names) if not n.startswith(".")]
 
@@ -312,7 +258,7 @@ class FileStore:
         if not overwrite and os.path.lexists(target):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
         # O_NOFOLLOW: a symlink planted in the store is not copied through.
-        with open(os.open(source, _READ_FLAGS), "rb", buffering=0) as src_file:
+        with open(os.open(source, READ_FLAGS), "rb", buffering=0) as src_file:
             st = os.fstat(src_file.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "not a regular file", source)
@@ -349,13 +295,9 @@ class FileStore:
         separates machines sharing a filesystem, and the random part guards
         against pids reused (containers) and clocks set back.
         """
-        now = time.time_ns() // 1000
-        seconds, micros = divmod(now, 1_000_000)
-        return f"{seconds}.M{micros:06d}P{_pid}Q{next(_counter)}R{_names.token()[:8]}.{self._host}"
+        return _info.unique_name(self._host)
 
-    def add(
-        self, data: bytes | bytearray | memoryview | str | IO[bytes], encoding: str = "utf-8"
-    ) -> str:
+    def add(self, data: Data, encoding: str = "utf-8") -> str:
         """Deliver ``data`` as a new message into ``new/`` and return its name.
 
         The message is written in ``tmp/``, fsynced, and moved into ``new/``
@@ -365,6 +307,33 @@ class FileStore:
         :param data: bytes, a str encoded with ``encoding``, or a binary
             file object, which is copied in chunks (memory stays flat).
         """
+        name, temp = self._stage(data, encoding)
+        _staging.publish(
+            temp, os.path.join(self._dirs["new"], name), self._capabilities(), self.durable
+        )
+        return name
+
+    def add_many(self, items: Iterable[Data], encoding: str = "utf-8") -> builtins.list[str]:
+        """Deliver several messages with one fsync of ``new/`` for them all.
+
+        Each message is written and fsynced in ``tmp/``; then all are moved
+        into ``new/`` and ``new/`` is fsynced once.  The batch is durable when
+        this returns; a crash never shows part of a message.  If anything
+        fails before the moves, nothing is delivered.
+
+        :returns: the names, in order.
+        """
+        with self.batch() as batch:
+            for data in items:
+                batch.add(data, encoding)
+        return batch.published
+
+    def batch(self) -> Batch:
+        """A :class:`Batch`: add messages, publish them all when it closes."""
+        return Batch(self)
+
+    def _stage(self, data: Data, encoding: str) -> tuple[str, str]:
+        """Write ``data`` complete (and synced) in ``tmp/``: (name, path)."""
         if isinstance(data, str):
             data = data.encode(encoding)
         elif not isinstance(data, (bytes, bytearray, memoryview)) and not hasattr(data, "read"):
@@ -380,8 +349,12 @@ class FileStore:
         except BaseException:
             _staging.discard(temp, fd)
             raise
-        self._publish(name, temp, fd)
-        return name
+        try:
+            _staging.sync_and_close(fd, self.durable)
+        except BaseException:
+            _staging.unlink_quietly(temp)
+            raise
+        return name, temp
 
     def _open_unique(self) -> tuple[str, str, int]:
         """A new file in ``tmp/`` under a unique name: (name, path, fd)."""
@@ -394,16 +367,6 @@ class FileStore:
                 continue
             except FileNotFoundError:
                 raise self._not_prepared("tmp") from None
-
-    def _publish(self, name: str, temp: str, fd: int) -> None:
-        """Sync and close ``fd`` and move ``temp`` into ``new/`` as ``name``."""
-        try:
-            _staging.sync_and_close(fd, self.durable)
-        except BaseException:
-            _staging.unlink_quietly(temp)
-            raise
-        target = os.path.join(self._dirs["new"], name)
-        _staging.publish(temp, target, self._capabilities(), self.durable)
 
     def claim(self, wait: float | None = None) -> Claim | None:
         """Claim the oldest message of ``new/`` by moving it into ``cur/``.
@@ -451,6 +414,47 @@ class FileStore:
         except FileNotFoundError:
             raise self._not_prepared("new") from None
 
+    def _claim_now(self) -> Claim | None:
+        new_dir, cur_dir = self._dirs["new"], self._dirs["cur"]
+        backlog = self._backlog
+        while True:
+            if not backlog:
+                backlog = self._backlog = self._list_new()
+                if not backlog:
+                    return None
+            try:
+                name = backlog.pop()
+            except IndexError:  # another thread took the last one
+                continue
+            base, fields = split_info(name)
+            attempts = _info.attempts(fields)
+            claimed = time.time_ns() // 1000
+            token = _info.token()
+            claim_path = os.path.join(cur_dir, _info.claim_name(base, attempts, claimed, token))
+            try:
+                # A plain rename: the claim name is new (random token), so it
+                # cannot replace anything; the source's disappearance decides
+                # between consumers racing for the same message.
+                _syscalls.rename(os.path.join(new_dir, name), claim_path)
+            except FileNotFoundError:
+                for area in ("new", "cur"):
+                    if not os.path.isdir(self._dirs[area]):
+                        raise self._not_prepared(area) from None
+                continue  # another consumer was faster
+            if self.durable:
+                _tree.sync_dir(cur_dir)
+                _tree.sync_dir(new_dir)
+            return Claim(self, base, claim_path, attempts, claimed / 1e6, token)
+
+    def _list_new(self) -> builtins.list[str]:
+        try:
+            names = os.listdir(self._dirs["new"])
+        except FileNotFoundError:
+            raise self._not_prepared("new") from None
+        names = [n for n in names if not n.startswith(".")]
+        names.sort(reverse=True)
+        return names
+
     def claimed(self, name: str) -> Claim:
         """The :class:`Claim` for a claimed file in ``cur/``, by name or path.
 
@@ -467,55 +471,33 @@ class FileStore:
         except (KeyError, ValueError):
             raise ValueError(f"{name!r} is not the name of a claim") from None
         path = os.path.join(self._dirs["cur"], name)
-        return Claim(self, base, path, _attempts(fields), claimed_at, token)
+        return Claim(self, base, path, _info.attempts(fields), claimed_at, token)
 
-    def _claim_now(self) -> Claim | None:
-        new_dir, cur_dir = self._dirs["new"], self._dirs["cur"]
-        backlog = self._backlog
-        while True:
-            if not backlog:
-                backlog = self._backlog = self._list_new()
-                if not backlog:
-                    return None
-            try:
-                name = backlog.pop()
-            except IndexError:  # another thread took the last one
-                continue
-            base, fields = split_info(name)
-            claimed = time.time_ns() // 1000
-            attempts = _attempts(fields)
-            token = _names.token()
-            claim_name = join_info(
-                base, {"A": str(attempts), "C": str(claimed), "P": str(_pid), "T": token}
-            )
-            claim_path = os.path.join(cur_dir, claim_name)
-            try:
-                # A plain rename: the claim name is new (random token), so it
-                # cannot replace anything; the source's disappearance decides
-                # between consumers racing for the same message.
-                _syscalls.rename(os.path.join(new_dir, name), claim_path)
-            except FileNotFoundError:
-                if not os.path.isdir(new_dir) or not os.path.isdir(cur_dir):
-                    raise self._not_prepared(
-                        "new" if not os.path.isdir(new_dir) else "cur"
-                    ) from None
-                continue  # another consumer was faster
-            if self.durable:
-                _tree.sync_dir(cur_dir)
-                _tree.sync_dir(new_dir)
-            return Claim(self, base, claim_path, attempts, claimed / 1e6, token)
+    def _give_back(self, source: str, base: str, attempts: int) -> str:
+        """Move a claimed file back to ``new/``, or to ``dead/`` when spent.
 
-    def _list_new(self) -> builtins.list[str]:
-        try:
-            names = os.listdir(self._dirs["new"])
-        except FileNotFoundError:
-            raise self._not_prepared("new") from None
-        names = [n for n in names if not n.startswith(".")]
-        names.sort(reverse=True)
-        return names
+        :returns: the file's new path.
+        """
+        area = "dead" if self.max_attempts is not None and attempts >= self.max_attempts else "new"
+        if area == "dead":
+            self._make_dead()
+        target = os.path.join(self._dirs[area], _info.with_attempts(base, attempts))
+        _rename.rename_noreplace(source, target, self._capabilities())
+        if self.durable:
+            _tree.sync_dir(self._dirs[area])
+            _tree.sync_dir(os.path.dirname(source))
+        return target
+
+    def _make_dead(self) -> None:
+        dead = self._dirs["dead"]
+        if os.path.isdir(dead):
+            return
+        mode = 0o777 if self.mode is None else _dir_mode(self.mode)
+        if _makedirs(dead, mode, self.mode is not None) and self.durable:
+            _tree.sync_dir(self.path)
 
     def recover(self, older_than: atomic.Duration) -> builtins.list[str]:
-        """Return claims older than ``older_than`` to ``new/``.
+        """Return claims older than ``older_than`` to ``new/`` (or ``dead/``).
 
         Each counts one attempt.  The consumer that held a recovered claim
         can no longer finish or release it (:class:`ClaimLostError`), even
@@ -523,10 +505,10 @@ class FileStore:
         ``cur/`` with :meth:`move` are not claims and stay.
 
         :param older_than: the lease, in seconds or as a timedelta.
-        :returns: the names the recovered messages have in ``new/``.
+        :returns: the paths the recovered messages have now.
         """
         limit = time.time_ns() // 1000 - int(atomic.seconds(older_than) * 1e6)
-        new_dir, cur_dir = self._dirs["new"], self._dirs["cur"]
+        cur_dir = self._dirs["cur"]
         recovered = []
         for name in sorted(os.listdir(cur_dir)):
             base, fields = split_info(name)
@@ -536,18 +518,31 @@ class FileStore:
                 continue  # not a claim
             if claimed > limit:
                 continue
-            back = join_info(base, {"A": str(_attempts(fields) + 1)})
             try:
-                _rename.rename_noreplace(
-                    os.path.join(cur_dir, name), os.path.join(new_dir, back), self._capabilities()
+                path = self._give_back(
+                    os.path.join(cur_dir, name), base, _info.attempts(fields) + 1
                 )
             except FileNotFoundError:
                 continue  # finished or recovered meanwhile
-            recovered.append(back)
-        if self.durable and recovered:
-            _tree.sync_dir(new_dir)
-            _tree.sync_dir(cur_dir)
+            recovered.append(path)
         return recovered
+
+    def requeue(self, name: str) -> str:
+        """Move a dead letter back to ``new/`` with its attempts reset.
+
+        :param name: a name (or path) of ``dead/``.
+        :returns: its path in ``new/``.
+        :raises FileNotFoundError: there is no such dead letter.
+        """
+        name = self._name(name, "dead")
+        base, _ = split_info(name)
+        source = os.path.join(self._dirs["dead"], name)
+        target = os.path.join(self._dirs["new"], base)
+        _rename.rename_noreplace(source, target, self._capabilities())
+        if self.durable:
+            _tree.sync_dir(self._dirs["new"])
+            _tree.sync_dir(self._dirs["dead"])
+        return target
 
     def clean(self, older_than: atomic.Duration = atomic.DEFAULT_STALE_AGE) -> builtins.list[str]:
         """Remove stale files from ``tmp/`` and stale staging files elsewhere.
@@ -569,12 +564,71 @@ class FileStore:
             except FileNotFoundError:  # pragma: no cover - removed meanwhile
                 continue
             removed.append(entry.path)
-        for area in ("new", "cur"):
+        for area in ("new", "cur", "dead"):
+            if area == "dead" and not os.path.isdir(self._dirs[area]):
+                continue
             removed.extend(atomic.clean(self._dirs[area], older_than=older_than))
         if self.durable and removed:
             for directory in sorted({os.path.dirname(p) for p in removed}):
                 _tree.sync_dir(directory)
         return removed
+
+
+class Batch:
+    """Messages staged in ``tmp/`` and published together.
+
+    Each :meth:`add` writes and fsyncs one message in ``tmp/``; closing the
+    batch moves them all into ``new/`` and fsyncs ``new/`` once.  Used as a
+    context manager, the batch is published when the block ends normally
+    and discarded (nothing delivered) when it raises.
+
+    :ivar published: the names delivered so far, in order.
+    """
+
+    def __init__(self, store: FileStore) -> None:
+        self._store = store
+        self._staged: builtins.list[tuple[str, str]] = []
+        self.published: builtins.list[str] = []
+
+    def add(self, data: Data, encoding: str = "utf-8") -> str:
+        """Stage a message; return the name it will have in ``new/``."""
+        name, temp = self._store._stage(data, encoding)
+        self._staged.append((name, temp))
+        return name
+
+    def commit(self) -> builtins.list[str]:
+        """Publish what was staged (durable on return); return the names.
+
+        If a move fails midway, the messages before it stay delivered (in
+        :attr:`published`) and the rest are discarded.
+        """
+        store = self._store
+        new_dir = store._dirs["new"]
+        try:
+            while self._staged:
+                name, temp = self._staged[0]
+                _staging.publish(temp, os.path.join(new_dir, name), store._capabilities(), False)
+                self._staged.pop(0)
+                self.published.append(name)
+        finally:
+            self.discard()
+            if store.durable and self.published:
+                _tree.sync_dir(new_dir)
+        return self.published
+
+    def discard(self) -> None:
+        """Remove what is staged and not yet published."""
+        while self._staged:
+            _staging.unlink_quietly(self._staged.pop()[1])
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
 
 
 def _copy_stream(source: IO[bytes], fd: int) -> None:
@@ -595,7 +649,7 @@ def _mtime(entry: os.DirEntry[str]) -> float:
 
 
 def _sync_file(path: str) -> None:
-    fd = _syscalls.open(path, _READ_FLAGS)
+    fd = _syscalls.open(path, READ_FLAGS)
     _staging.sync_and_close(fd, True)
 
 
@@ -621,148 +675,3 @@ def _makedirs(path: str, mode: int, exact: bool) -> list[str]:
         _syscalls.chmod(path, mode)
     created.append(path)
     return created
-
-
-class Claim:
-    """A message claimed from a :class:`FileStore`: finish or release it.
-
-    :ivar name: the message's unique name, the same on every attempt.
-    :ivar path: where the claimed file is now, in ``cur/``.
-    :ivar attempts: earlier claims of it that ended without :meth:`finish`.
-    :ivar claimed_at: when it was claimed, seconds since the epoch.
-    :ivar token: the random part that makes this claim's name unique.
-
-    Used as a context manager it finishes the claim when the block ends
-    normally and releases it when the block raises.
-    """
-
-    __slots__ = ("attempts", "claimed_at", "name", "path", "store", "token")
-
-    def __init__(
-        self,
-        store: FileStore,
-        name: str,
-        path: str,
-        attempts: int,
-        claimed_at: float,
-        token: str,
-    ) -> None:
-        self.store = store
-        self.name = name
-        self.path = path
-        self.attempts = attempts
-        self.claimed_at = claimed_at
-        self.token = token
-
-    def __repr__(self) -> str:
-        return f"<Claim {self.name!r} attempts={self.attempts}>"
-
-    def __enter__(self) -> Claim:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.finish()
-        else:
-            self.release()
-
-    def _lost(self) -> ClaimLostError:
-        return ClaimLostError(
-            errno.ENOENT, "claim is no longer held (recovered, finished or released)", self.path
-        )
-
-    def open(self, mode: str = "rb", **kwargs: Any) -> IO[Any]:
-        """Open the claimed file for reading; a planted symlink is refused."""
-        if mode not in ("r", "rb", "rt"):
-            raise ValueError(f"invalid mode {mode!r}: a claim is opened to read")
-        try:
-            fd = os.open(self.path, _READ_FLAGS)
-        except FileNotFoundError:
-            raise self._lost() from None
-        return open(fd, mode, **kwargs)
-
-    def read_bytes(self) -> bytes:
-        """The claimed file's content."""
-        with self.open("rb") as f:
-            data: bytes = f.read()
-            return data
-
-    def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        """The claimed file's content, decoded."""
-        return self.read_bytes().decode(encoding, errors)
-
-    def finish(self) -> None:
-        """Done with the message: remove it from ``cur/``.
-
-        :raises ClaimLostError: the claim is no longer held.
-        """
-        try:
-            _syscalls.unlink(self.path)
-        except FileNotFoundError:
-            raise self._lost() from None
-        if self.store.durable:
-            _tree.sync_dir(os.path.dirname(self.path))
-
-    def release(self) -> str:
-        """Give the message back to ``new/``; this counts one attempt.
-
-        :returns: the message's name in ``new/``.
-        :raises ClaimLostError: the claim is no longer held.
-        """
-        store = self.store
-        back = join_info(self.name, {"A": str(self.attempts + 1)})
-        try:
-            _rename.rename_noreplace(
-                self.path, os.path.join(store._dirs["new"], back), store._capabilities()
-            )
-        except FileNotFoundError:
-            raise self._lost() from None
-        if store.durable:
-            _tree.sync_dir(store._dirs["new"])
-            _tree.sync_dir(store._dirs["cur"])
-        return back
-
-
-class Claims:
-    """Claims as messages arrive; see :meth:`FileStore.claims`."""
-
-    def __init__(self, store: FileStore, waiter: _watch.Waiter, timeout: float | None) -> None:
-        self._store = store
-        self._waiter = waiter
-        self._timeout = timeout
-
-    def __iter__(self) -> Claims:
-        return self
-
-    def __next__(self) -> Claim:
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        while not self._waiter.stopped:
-            claim = self._store._claim_now()
-            if claim is not None:
-                return claim
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                break
-            self._waiter.wait(remaining)
-        self.close()
-        raise StopIteration
-
-    def stop(self) -> None:
-        """End the iteration; safe from other threads and signal handlers."""
-        self._waiter.stop()
-
-    @property
-    def uses_inotify(self) -> bool:
-        """Whether inotify wakes this iterator (else it polls)."""
-        return self._waiter.uses_inotify
-
-    def close(self) -> None:
-        """Stop and release the inotify descriptor."""
-        self._waiter.stop()
-        self._waiter.close()
-
-    def __enter__(self) -> Claims:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -1,0 +1,166 @@
+"""Claims: a message a consumer owns until it finishes or releases it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from typing import IO, TYPE_CHECKING, Any
+
+from . import _syscalls, _tree, _watch
+
+if TYPE_CHECKING:
+    from ._store import FileStore
+
+READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+class ClaimLostError(FileNotFoundError):
+    """The claim is no longer held: it was recovered, finished or released.
+
+    A subclass of :class:`FileNotFoundError` with ``errno`` ENOENT and the
+    claim's path as ``filename``.
+    """
+
+
+class Claim:
+    """A message claimed from a :class:`FileStore`: finish or release it.
+
+    :ivar name: the message's unique name, the same on every attempt.
+    :ivar path: where the claimed file is now, in ``cur/``.
+    :ivar attempts: earlier claims of it that ended without :meth:`finish`.
+    :ivar claimed_at: when it was claimed, seconds since the epoch.
+    :ivar token: the random part that makes this claim's name unique.
+
+    Used as a context manager it finishes the claim when the block ends
+    normally and releases it when the block raises.
+    """
+
+    __slots__ = ("attempts", "claimed_at", "name", "path", "store", "token")
+
+    def __init__(
+        self,
+        store: FileStore,
+        name: str,
+        path: str,
+        attempts: int,
+        claimed_at: float,
+        token: str,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.path = path
+        self.attempts = attempts
+        self.claimed_at = claimed_at
+        self.token = token
+
+    def __repr__(self) -> str:
+        return f"<Claim {self.name!r} attempts={self.attempts}>"
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.release()
+
+    def lost(self) -> ClaimLostError:
+        """The error for a claim that is no longer held."""
+        return ClaimLostError(
+            errno.ENOENT, "claim is no longer held (recovered, finished or released)", self.path
+        )
+
+    def open(self, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+        """Open the claimed file for reading; a planted symlink is refused."""
+        if mode not in ("r", "rb", "rt"):
+            raise ValueError(f"invalid mode {mode!r}: a claim is opened to read")
+        try:
+            fd = os.open(self.path, READ_FLAGS)
+        except FileNotFoundError:
+            raise self.lost() from None
+        return open(fd, mode, **kwargs)
+
+    def read_bytes(self) -> bytes:
+        """The claimed file's content."""
+        with self.open("rb") as f:
+            data: bytes = f.read()
+            return data
+
+    def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        """The claimed file's content, decoded."""
+        return self.read_bytes().decode(encoding, errors)
+
+    def finish(self) -> None:
+        """Done with the message: remove it from ``cur/``.
+
+        :raises ClaimLostError: the claim is no longer held.
+        """
+        try:
+            _syscalls.unlink(self.path)
+        except FileNotFoundError:
+            raise self.lost() from None
+        if self.store.durable:
+            _tree.sync_dir(os.path.dirname(self.path))
+
+    def release(self) -> str:
+        """Give the message back; this counts one attempt.
+
+        It goes back to ``new/``, or to ``dead/`` once it has used the
+        store's ``max_attempts``.
+
+        :returns: the message's new path.
+        :raises ClaimLostError: the claim is no longer held.
+        """
+        try:
+            return self.store._give_back(self.path, self.name, self.attempts + 1)
+        except FileNotFoundError as e:
+            if e.filename == self.path:
+                raise self.lost() from None
+            raise
+
+
+class Claims:
+    """Claims as messages arrive; see :meth:`FileStore.claims`."""
+
+    def __init__(self, store: FileStore, waiter: _watch.Waiter, timeout: float | None) -> None:
+        self._store = store
+        self._waiter = waiter
+        self._timeout = timeout
+
+    def __iter__(self) -> Claims:
+        return self
+
+    def __next__(self) -> Claim:
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        while not self._waiter.stopped:
+            claim = self._store._claim_now()
+            if claim is not None:
+                return claim
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            self._waiter.wait(remaining)
+        self.close()
+        raise StopIteration
+
+    def stop(self) -> None:
+        """End the iteration; safe from other threads and signal handlers."""
+        self._waiter.stop()
+
+    @property
+    def uses_inotify(self) -> bool:
+        """Whether inotify wakes this iterator (else it polls)."""
+        return self._waiter.uses_inotify
+
+    def close(self) -> None:
+        """Stop and release the inotify descriptor."""
+        self._waiter.stop()
+        self._waiter.close()
+
+    def __enter__(self) -> Claims:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,104 @@
+"""Maildir names: unique names and the info part after the colon.
+
+A unique name is ``<seconds>.M<microseconds>P<pid>Q<counter>R<random>.<host>``.
+The info part is ``:<version>,<fields>``; atomstore writes version 1
+("experimental semantics" in the maildir specification) with comma-separated
+fields, each a letter and a value:
+
+* ``A``: attempts, the claims of this message that ended without finishing;
+* ``C``: when the current claim was made, microseconds since the epoch;
+* ``P``: the claiming process's id;
+* ``T``: a random token that makes each claim's name unique (fencing).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+from . import _names
+
+_SEPARATOR = ":"
+_VERSION = "1,"
+
+_counter = itertools.count()
+_pid = os.getpid()
+
+
+def _reset_after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def pid() -> int:
+    """This process's id, kept up to date across fork."""
+    return _pid
+
+
+def escape_hostname(hostname: str) -> str:
+    """``hostname`` made safe for a maildir name.
+
+    The maildir specification escapes ``/`` as ``\\057`` and ``:`` as
+    ``\\072``; atomstore also escapes ``,`` (``\\054``), its info separator,
+    and ``\\`` itself.
+    """
+    return (
+        hostname.replace("\\", "\\134")
+        .replace("/", "\\057")
+        .replace(":", "\\072")
+        .replace(",", "\\054")
+    )
+
+
+def unique_name(host: str) -> str:
+    """A new unique name for the (escaped) ``host``."""
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    return f"{seconds}.M{micros:06d}P{_pid}Q{next(_counter)}R{_names.token()[:8]}.{host}"
+
+
+def split_info(name: str) -> tuple[str, dict[str, str]]:
+    """Split a stored name into its unique part and its info fields."""
+    base, sep, info = name.rpartition(_SEPARATOR)
+    if not sep or not info.startswith(_VERSION):
+        return name, {}
+    fields = {}
+    for item in info[len(_VERSION) :].split(","):
+        if item:
+            fields[item[0]] = item[1:]
+    return base, fields
+
+
+def join_info(base: str, fields: dict[str, str]) -> str:
+    """The stored name of ``base`` with info ``fields`` (none: just base)."""
+    if not fields:
+        return base
+    items = ",".join(f"{key}{value}" for key, value in fields.items())
+    return f"{base}{_SEPARATOR}{_VERSION}{items}"
+
+
+def attempts(fields: dict[str, str]) -> int:
+    """The attempt count of a parsed name (0 if absent or garbled)."""
+    try:
+        return int(fields.get("A", "0"))
+    except ValueError:
+        return 0
+
+
+def with_attempts(base: str, count: int) -> str:
+    """The name of ``base`` waiting after ``count`` failed attempts."""
+    return join_info(base, {"A": str(count)} if count else {})
+
+
+def token() -> str:
+    """A random token for a claim's name."""
+    return _names.token()
+
+
+def claim_name(base: str, count: int, claimed_us: int, token: str) -> str:
+    """The name of ``base`` while claimed."""
+    return join_info(base, {"A": str(count), "C": str(claimed_us), "P": str(_pid), "T": token})

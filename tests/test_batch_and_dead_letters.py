@@ -1,0 +1,294 @@
+"""FileStore batches, retries and dead letters."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from atomstore import Batch, ClaimLostError, FileStore
+from tracing import Recorder
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    s = FileStore(tmp_path / "store")
+    s.prepare()
+    s.add(b"probe")
+    s.claim().finish()  # type: ignore[union-attr]
+    return s
+
+
+def entries(store: FileStore) -> list[str]:
+    found = []
+    for area in ("tmp", "new", "cur", "dead"):
+        directory = os.path.join(store.path, area)
+        if os.path.isdir(directory):
+            found += [f"{area}/{n}" for n in sorted(os.listdir(directory))]
+    return found
+
+
+# -- batches --------------------------------------------------------------
+
+
+def test_add_many_delivers_in_order_with_one_directory_fsync(
+    store: FileStore, trace: Recorder
+) -> None:
+    names = store.add_many([b"one", "two", bytearray(b"three")])
+    assert [os.path.basename(p) for p in store.list("new")] == names
+    assert [Path(p).read_bytes() for p in store.list("new")] == [b"one", b"two", b"three"]
+    synced = trace.fsynced_paths()
+    tmp, new = (os.path.join(store.path, a) for a in ("tmp", "new"))
+    assert synced == [os.path.join(tmp, n) for n in names] + [new]
+    assert entries(store) == [f"new/{n}" for n in names]
+
+
+def test_add_many_of_nothing(store: FileStore, trace: Recorder) -> None:
+    assert store.add_many([]) == []
+    assert trace.count("fsync") == 0
+
+
+def test_batch_publishes_nothing_before_it_closes(store: FileStore) -> None:
+    with store.batch() as batch:
+        assert isinstance(batch, Batch)
+        first = batch.add(b"a")
+        second = batch.add(b"b")
+        assert store.list("new") == []
+        assert store.claim() is None
+        assert sorted(os.listdir(os.path.join(store.path, "tmp"))) == sorted([first, second])
+    assert batch.published == [first, second]
+    assert [os.path.basename(p) for p in store.list("new")] == [first, second]
+
+
+def test_batch_that_raises_delivers_nothing(store: FileStore) -> None:
+    with pytest.raises(RuntimeError):
+        with store.batch() as batch:
+            batch.add(b"a")
+            batch.add(b"b")
+            raise RuntimeError("producer failed")
+    assert batch.published == []
+    assert entries(store) == []
+
+
+def test_add_many_failing_midway_delivers_nothing(store: FileStore, trace: Recorder) -> None:
+    def items() -> object:
+        yield b"a"
+        yield b"b"
+        raise ValueError("the source broke")
+
+    with pytest.raises(ValueError, match="source broke"):
+        store.add_many(items())  # type: ignore[arg-type]
+    trace.fail("write", errno.ENOSPC, when=lambda call: trace.count("write") >= 2)
+    with pytest.raises(OSError) as info:
+        store.add_many([b"a", b"b", b"c"])
+    assert info.value.errno == errno.ENOSPC
+    assert entries(store) == []
+
+
+def test_batch_publish_failure_keeps_what_was_delivered(store: FileStore, trace: Recorder) -> None:
+    batch = store.batch()
+    names = [batch.add(x) for x in (b"a", b"b", b"c")]
+    trace.fail("renameat2", errno.EIO, when=lambda call: call.args[1].endswith(names[1]))
+    with pytest.raises(OSError) as info:
+        batch.commit()
+    assert info.value.errno == errno.EIO
+    assert batch.published == names[:1]
+    assert entries(store) == [f"new/{names[0]}"]
+    assert trace.fsynced_paths()[-1] == os.path.join(store.path, "new")
+
+
+def test_batch_not_durable(tmp_path: Path, trace: Recorder) -> None:
+    store = FileStore(tmp_path / "s", durable=False)
+    store.prepare()
+    store.add_many([b"a", b"b"])
+    assert trace.count("fsync") == 0
+    assert len(store.list("new")) == 2
+
+
+def test_batch_checks_types(store: FileStore) -> None:
+    with pytest.raises(TypeError, match="bytes-like"):
+        store.add_many([b"ok", 3])  # type: ignore[list-item]
+    assert entries(store) == []
+
+
+def test_batch_across_processes(store: FileStore) -> None:
+    # A producer process delivers batches while this process consumes.
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            producer = FileStore(store.path)
+            for b in range(20):
+                producer.add_many([f"{b}-{i}".encode() for i in range(10)])
+        except BaseException:
+            code = 1
+        os._exit(code)
+    got: list[bytes] = []
+    deadline = time.monotonic() + 30
+    while len(got) < 200 and time.monotonic() < deadline:
+        claim = store.claim(wait=1)
+        if claim is not None:
+            got.append(claim.read_bytes())
+            claim.finish()
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert sorted(got) == sorted(f"{b}-{i}".encode() for b in range(20) for i in range(10))
+    # each batch arrives whole and in order
+    positions = {g: i for i, g in enumerate(got)}
+    for b in range(20):
+        order = [positions[f"{b}-{i}".encode()] for i in range(10)]
+        assert order == sorted(order)
+
+
+# -- retries and dead letters ---------------------------------------------
+
+
+def test_attempts_are_counted_in_the_name(store: FileStore) -> None:
+    name = store.add(b"x")
+    for attempt in range(3):
+        claim = store.claim()
+        assert claim is not None
+        assert claim.attempts == attempt
+        assert claim.release() == os.path.join(store.path, "new", f"{name}:1,A{attempt + 1}")
+
+
+def test_max_attempts_sends_to_dead(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s", max_attempts=2)
+    store.prepare()
+    assert store.list("dead") == []
+    name = store.add(b"poison")
+    store.claim().release()  # type: ignore[union-attr]
+    assert not os.path.exists(os.path.join(store.path, "dead"))
+    dead = store.claim().release()  # type: ignore[union-attr]
+    assert dead == os.path.join(store.path, "dead", f"{name}:1,A2")
+    assert store.list("dead") == [dead]
+    assert Path(dead).read_bytes() == b"poison"
+    assert store.claim() is None
+    assert store.list("new") == store.list("cur") == []
+
+
+def test_recover_counts_an_attempt_and_sends_to_dead(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s", max_attempts=1)
+    store.prepare()
+    name = store.add(b"x")
+    held = store.claim()
+    assert held is not None
+    (path,) = store.recover(0)
+    assert path == os.path.join(store.path, "dead", f"{name}:1,A1")
+    with pytest.raises(ClaimLostError):
+        held.finish()
+
+
+def test_dead_directory_is_durable_and_private(tmp_path: Path, trace: Recorder) -> None:
+    store = FileStore(tmp_path / "s", max_attempts=1, mode=0o600)
+    store.prepare()
+    store.add(b"x")
+    claim = store.claim()
+    assert claim is not None
+    trace.calls.clear()
+    claim.release()
+    dead = os.path.join(store.path, "dead")
+    assert oct(os.stat(dead).st_mode & 0o777) == "0o700"
+    assert trace.fsynced_paths() == [store.path, dead, os.path.join(store.path, "cur")]
+
+
+def test_requeue_resets_attempts(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s", max_attempts=1)
+    store.prepare()
+    name = store.add(b"x")
+    store.claim().release()  # type: ignore[union-attr]
+    (dead,) = store.list("dead")
+    assert store.requeue(dead) == os.path.join(store.path, "new", name)
+    claim = store.claim()
+    assert claim is not None
+    assert claim.attempts == 0
+    assert claim.name == name
+    claim.finish()
+    assert entries(store) == []
+
+
+def test_requeue_errors(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s")
+    store.prepare()
+    with pytest.raises(FileNotFoundError) as info:
+        store.requeue("nothing")
+    assert info.value.filename == os.path.join(store.path, "dead", "nothing")
+    with pytest.raises(ValueError, match="not a file of this store's 'dead' area"):
+        store.requeue(os.path.join(store.path, "new", "x"))
+
+
+def test_requeue_never_clobbers(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s", max_attempts=1)
+    store.prepare()
+    name = store.add(b"first")
+    store.claim().release()  # type: ignore[union-attr]
+    Path(store.path, "new", name).write_bytes(b"squatter")
+    with pytest.raises(FileExistsError):
+        store.requeue(store.list("dead")[0])
+    assert Path(store.path, "new", name).read_bytes() == b"squatter"
+    assert len(store.list("dead")) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])
+def test_max_attempts_checked(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(ValueError, match="max_attempts"):
+        FileStore(tmp_path, max_attempts=bad)  # type: ignore[arg-type]
+
+
+def test_dead_letters_across_processes(tmp_path: Path) -> None:
+    # A consumer that fails every message, in other processes, kills them all.
+    store = FileStore(tmp_path / "s", max_attempts=3)
+    store.prepare()
+    sent = {store.add(f"m{i}".encode()) for i in range(20)}
+    children = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            failing = FileStore(store.path, max_attempts=3)
+            while True:
+                claim = failing.claim()
+                if claim is None:
+                    break
+                claim.release()
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+    dead = [os.path.basename(p) for p in store.list("dead")]
+    assert sorted(d.split(":")[0] for d in dead) == sorted(sent)
+    assert all(d.endswith(":1,A3") for d in dead)
+    assert store.list("new") == store.list("cur") == []
+
+
+def test_claimed_rebuilds_a_claim(store: FileStore) -> None:
+    name = store.add(b"x")
+    claim = store.claim()
+    assert claim is not None
+    again = store.claimed(claim.path)
+    assert (again.name, again.path, again.attempts, again.token) == (
+        name,
+        claim.path,
+        0,
+        claim.token,
+    )
+    assert abs(again.claimed_at - claim.claimed_at) < 1e-3
+    again.finish()
+    with pytest.raises(ClaimLostError):
+        claim.finish()
+    with pytest.raises(ValueError, match="not the name of a claim"):
+        store.claimed("plain-name")
+
+
+def test_signal_free_context(store: FileStore) -> None:
+    # A claim used as a context manager releases on KeyboardInterrupt too.
+    store.add(b"x")
+    with pytest.raises(KeyboardInterrupt):
+        with store.claim():  # type: ignore[union-attr]
+            signal.raise_signal(signal.SIGINT)
+    (back,) = store.list("new")
+    assert back.endswith(":1,A1")
