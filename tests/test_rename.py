@@ -470,9 +470,10 @@ def test_syscall_path_without_the_libc_symbol(
     assert call is not None
     (tmp_path / "a").write_text("a")
     (tmp_path / "b").write_text("b")
-    assert call(os.fsencode(tmp_path / "a"), os.fsencode(tmp_path / "b"), 1) == -1
+    a, b = os.fsencode(tmp_path / "a"), os.fsencode(tmp_path / "b")
+    assert call(-100, a, -100, b, 1) == -1
     assert ctypes.get_errno() == errno.EEXIST
-    assert call(os.fsencode(tmp_path / "a"), os.fsencode(tmp_path / "b"), 2) == 0
+    assert call(-100, a, -100, b, 2) == 0
     assert (tmp_path / "a").read_text() == "b"
 
 

@@ -37,6 +37,8 @@ def token() -> str:
 
 
 def _shorten(base: str) -> str:
+    if len(base) <= _BASE_MAX_BYTES // 4:  # 4 bytes a character at most
+        return base
     encoded = os.fsencode(base)
     if len(encoded) <= _BASE_MAX_BYTES:
         return base

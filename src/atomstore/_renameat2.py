@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 import sys
@@ -43,7 +44,8 @@ _SYSCALL_NUMBERS = {
 }
 _X32_SYSCALL_BIT = 0x40000000
 
-_Binding = Callable[[bytes, bytes, int], int]
+# renameat2(olddirfd, oldpath, newdirfd, newpath, flags) -> 0 or -1 (errno)
+_Binding = Callable[[int, bytes, int, bytes, int], int]
 
 
 def _syscall_number(machine: str, pointer_size: int) -> int | None:
@@ -74,10 +76,8 @@ def _linux_binding() -> _Binding | None:
             ctypes.c_uint,
         ]
 
-        def call_syscall(src: bytes, dst: bytes, flags: int) -> int:
-            return int(syscall(number, _AT_FDCWD, src, _AT_FDCWD, dst, flags))
-
-        return call_syscall
+        # The libc symbol's signature, with the syscall number bound first.
+        return functools.partial(syscall, number)
     func.restype = ctypes.c_int
     func.argtypes = [
         ctypes.c_int,
@@ -86,11 +86,7 @@ def _linux_binding() -> _Binding | None:
         ctypes.c_char_p,
         ctypes.c_uint,
     ]
-
-    def call(src: bytes, dst: bytes, flags: int) -> int:
-        return int(func(_AT_FDCWD, src, _AT_FDCWD, dst, flags))
-
-    return call
+    return func
 
 
 def _darwin_binding() -> _Binding | None:  # pragma: no cover - macOS only
@@ -103,7 +99,7 @@ def _darwin_binding() -> _Binding | None:  # pragma: no cover - macOS only
     func.restype = ctypes.c_int
     func.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
 
-    def call(src: bytes, dst: bytes, flags: int) -> int:
+    def call(olddirfd: int, src: bytes, newdirfd: int, dst: bytes, flags: int) -> int:
         native = (0x4 if flags & RENAME_NOREPLACE else 0) | (0x2 if flags & RENAME_EXCHANGE else 0)
         return int(func(src, dst, native))
 
@@ -130,6 +126,6 @@ def renameat2(src: str, dst: str, flags: int) -> None:
     """
     if _call is None:
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), src, None, dst)
-    if _call(os.fsencode(src), os.fsencode(dst), flags) != 0:
+    if _call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags):
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), src, None, dst)

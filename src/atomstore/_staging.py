@@ -51,7 +51,7 @@ def open_temp(
         writable).
     """
     for _ in range(_ATTEMPTS):
-        temp = os.path.join(directory, _names.staging_name(base, "tmp"))
+        temp = f"{directory}/{_names.staging_name(base, 'tmp')}"
         try:
             fd = _syscalls.open(temp, FILE_FLAGS, 0o666 if perms is None else perms)
         except FileExistsError:
@@ -59,11 +59,12 @@ def open_temp(
         except OSError as e:
             # The temporary name means nothing to the caller: name the directory.
             raise OSError(e.errno, e.strerror, directory) from None
-        try:
-            _copy_metadata(fd, perms, like)
-        except BaseException:
-            discard(temp, fd)
-            raise
+        if perms is not None or like is not None:
+            try:
+                _copy_metadata(fd, perms, like)
+            except BaseException:
+                discard(temp, fd)
+                raise
         return temp, fd
     raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
 
@@ -87,7 +88,10 @@ def _copy_metadata(fd: int, perms: int | None, like: os.stat_result | None) -> N
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write all of ``data``, looping over short writes."""
-    view = memoryview(data).cast("B")
+    written = _syscalls.write(fd, data)
+    if written == len(data) or not data:  # the common case: one write
+        return
+    view = memoryview(data).cast("B")[written:]
     while view:
         written = _syscalls.write(fd, view)
         if written <= 0:  # pragma: no cover - write(2) returns >0 or fails

@@ -79,10 +79,13 @@ def seconds(value: object, what: str = "older_than") -> float:
 
 
 def _split(dest: str) -> tuple[str, str]:
-    directory, base = os.path.split(dest)
+    # str.rpartition: os.path.split costs more on this hot path.
+    directory, slash, base = dest.rpartition("/")
     if not base or base in (".", ".."):
         raise IsADirectoryError(errno.EISDIR, "names a directory, not a file", dest)
-    return directory or ".", base
+    if not slash:
+        return ".", base
+    return directory or "/", base
 
 
 def _target(path: object, follow_symlinks: bool) -> tuple[str, os.stat_result | None]:
@@ -209,13 +212,17 @@ def write_bytes(
 ) -> None:
     """Write ``data`` to ``path`` atomically; the keywords are :func:`file`'s.
 
-    The shortest path to a file on disk: no file object is built.
+    The shortest path to a file on disk: no file object is built.  Without
+    ``overwrite`` an existing ``path`` is found by the no-clobber rename
+    itself, after the data was written to the temporary file (which is then
+    removed), rather than by a look beforehand.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
-    dest, current = _target(path, follow_symlinks)
-    if current is not None and not overwrite:
-        raise _exists(dest)
+    if overwrite:
+        dest, current = _target(path, follow_symlinks)
+    else:
+        dest, current = fspath(path), None
     directory, base = _split(dest)
     temp, fd = _staging.open_temp(directory, base, perms, current)
     try:
@@ -229,7 +236,17 @@ def write_bytes(
     except BaseException:
         _staging.unlink_quietly(temp)
         raise
-    _staging.publish(temp, dest, caps, durable)
+    try:
+        _staging.publish(temp, dest, caps, durable)
+    except FileExistsError:
+        if overwrite or not follow_symlinks:
+            raise
+        # The name exists: a dangling symlink is written through, as open()
+        # does; anything else is the error.
+        target, current = _target(dest, follow_symlinks=True)
+        if current is not None or target == dest:
+            raise _exists(target) from None
+        write_bytes(target, data, durable=durable, follow_symlinks=False, perms=perms)
 
 
 def write_text(
