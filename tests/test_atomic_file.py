@@ -192,6 +192,20 @@ def test_dangling_symlink_creates_its_target(tmp_path: Path) -> None:
     assert link.is_symlink()
 
 
+def test_symlink_to_an_existing_file_is_not_clobbered(tmp_path: Path) -> None:
+    target = tmp_path / "real"
+    target.write_text("precious")
+    (tmp_path / "link").symlink_to("real")
+    with pytest.raises(FileExistsError) as info:
+        atomic.write_bytes(tmp_path / "link", b"new")
+    assert info.value.filename == str(target)
+    with pytest.raises(FileExistsError) as again:
+        atomic.write_bytes(tmp_path / "link", b"new", follow_symlinks=False)
+    assert again.value.filename == str(tmp_path / "link")
+    assert target.read_text() == "precious"
+    assert listing(tmp_path) == ["link", "real"]
+
+
 def test_symlink_replaced_itself_without_following(tmp_path: Path) -> None:
     target = tmp_path / "real"
     target.write_text("old")
@@ -276,11 +290,12 @@ def test_parent_that_is_a_file(tmp_path: Path) -> None:
     assert info.value.errno == errno.ENOTDIR
 
 
+@pytest.mark.parametrize("overwrite", [True, False])
 @pytest.mark.parametrize("suffix", ["", "/"])
-def test_directory_destination_refused(tmp_path: Path, suffix: str) -> None:
+def test_directory_destination_refused(tmp_path: Path, suffix: str, overwrite: bool) -> None:
     (tmp_path / "d").mkdir()
     with pytest.raises(IsADirectoryError) as info:
-        atomic.write_bytes(str(tmp_path / "d") + suffix, b"x", overwrite=True)
+        atomic.write_bytes(str(tmp_path / "d") + suffix, b"x", overwrite=overwrite)
     assert info.value.errno == errno.EISDIR
     assert listing(tmp_path) == ["d"]
     assert listing(tmp_path / "d") == []
