@@ -14,7 +14,7 @@ import functools
 import os
 import platform
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
@@ -46,6 +46,7 @@ _X32_SYSCALL_BIT = 0x40000000
 
 # renameat2(olddirfd, oldpath, newdirfd, newpath, flags) -> 0 or -1 (errno)
 _Binding = Callable[[int, bytes, int, bytes, int], int]
+_ARGTYPES: list[Any] = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 
 
 def _syscall_number(machine: str, pointer_size: int) -> int | None:
@@ -67,25 +68,12 @@ def _linux_binding() -> _Binding | None:
             return None
         syscall = libc.syscall
         syscall.restype = ctypes.c_long
-        syscall.argtypes = [
-            ctypes.c_long,
-            ctypes.c_int,
-            ctypes.c_char_p,
-            ctypes.c_int,
-            ctypes.c_char_p,
-            ctypes.c_uint,
-        ]
+        syscall.argtypes = [ctypes.c_long, *_ARGTYPES]
 
         # The libc symbol's signature, with the syscall number bound first.
         return functools.partial(syscall, number)
     func.restype = ctypes.c_int
-    func.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_uint,
-    ]
+    func.argtypes = _ARGTYPES
     return func
 
 

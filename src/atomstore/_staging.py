@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import IO
 
 from . import _names, _rename, _syscalls, _tree
 from ._rename import Capabilities
 
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 _ATTEMPTS = 100
+_COPY_CHUNK = 1 << 20
 
 
 def open_exclusive(path: str, perms: int | None = None) -> int:
@@ -97,6 +99,40 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         if written <= 0:  # pragma: no cover - write(2) returns >0 or fails
             raise OSError(errno.EIO, "write made no progress")
         view = view[written:]
+
+
+def fill(
+    temp: str, fd: int, data: bytes | bytearray | memoryview | IO[bytes], durable: bool
+) -> None:
+    """Write ``data`` to ``fd``, fsync it if ``durable``, and close it.
+
+    ``data`` is bytes, or a binary file copied in chunks.  On any failure the
+    descriptor is closed and ``temp`` removed.
+    """
+    try:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            write_all(fd, data)
+        else:
+            copy_stream(data, fd)
+    except BaseException:
+        discard(temp, fd)
+        raise
+    try:
+        sync_and_close(fd, durable)
+    except BaseException:
+        unlink_quietly(temp)
+        raise
+
+
+def copy_stream(source: IO[bytes], fd: int) -> None:
+    """Copy the binary file ``source`` to ``fd`` in chunks (memory stays flat)."""
+    while True:
+        chunk = source.read(_COPY_CHUNK)
+        if not chunk:
+            return
+        if not isinstance(chunk, (bytes, bytearray)):
+            raise TypeError("data must be a binary file, not a text file")
+        write_all(fd, chunk)
 
 
 def sync_and_close(fd: int, durable: bool) -> None:

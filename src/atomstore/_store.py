@@ -27,7 +27,6 @@ __all__ = ["AREAS", "Batch", "Claim", "ClaimLostError", "Claims", "FileStore"]
 AREAS = ("tmp", "new", "cur", "dead")
 _PREPARED = ("tmp", "new", "cur")  # dead/ is made when the first message dies
 _NAME_MAX = 255
-_COPY_CHUNK = 1 << 20
 _DEFAULT_POLL = 0.5
 
 Data = Union[bytes, bytearray, memoryview, str, IO[bytes]]
@@ -263,16 +262,7 @@ class FileStore:
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "not a regular file", source)
             temp, fd = _staging.open_temp(dst_dir, name, stat.S_IMODE(st.st_mode))
-            try:
-                _copy_stream(src_file, fd)
-            except BaseException:
-                _staging.discard(temp, fd)
-                raise
-        try:
-            _staging.sync_and_close(fd, self.durable)
-        except BaseException:
-            _staging.unlink_quietly(temp)
-            raise
+            _staging.fill(temp, fd, src_file, self.durable)
         _staging.publish(temp, target, None if overwrite else self._capabilities(), self.durable)
 
     def remove(self, name: str, area: str) -> None:
@@ -341,19 +331,7 @@ class FileStore:
                 f"data must be bytes-like, str or a binary file, not {type(data).__name__}"
             )
         name, temp, fd = self._open_unique()
-        try:
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                _staging.write_all(fd, data)
-            else:
-                _copy_stream(data, fd)
-        except BaseException:
-            _staging.discard(temp, fd)
-            raise
-        try:
-            _staging.sync_and_close(fd, self.durable)
-        except BaseException:
-            _staging.unlink_quietly(temp)
-            raise
+        _staging.fill(temp, fd, data, self.durable)
         return name, temp
 
     def _open_unique(self) -> tuple[str, str, int]:
@@ -629,16 +607,6 @@ class Batch:
             self.commit()
         else:
             self.discard()
-
-
-def _copy_stream(source: IO[bytes], fd: int) -> None:
-    while True:
-        chunk = source.read(_COPY_CHUNK)
-        if not chunk:
-            return
-        if not isinstance(chunk, (bytes, bytearray)):
-            raise TypeError("data must be a binary file, not a text file")
-        _staging.write_all(fd, chunk)
 
 
 def _mtime(entry: os.DirEntry[str]) -> float:

@@ -226,16 +226,11 @@ def write_bytes(
     directory, base = _split(dest)
     temp, fd = _staging.open_temp(directory, base, perms, current)
     try:
-        _staging.write_all(fd, data)
         caps = _no_clobber_caps(directory, fd, overwrite)
     except BaseException:
         _staging.discard(temp, fd)
         raise
-    try:
-        _staging.sync_and_close(fd, durable)
-    except BaseException:
-        _staging.unlink_quietly(temp)
-        raise
+    _staging.fill(temp, fd, data, durable)
     try:
         _staging.publish(temp, dest, caps, durable)
     except FileExistsError:
