@@ -25,13 +25,11 @@ def trace() -> Iterator[Recorder]:
 @pytest.fixture
 def fresh_probe() -> Iterator[None]:
     """Forget the probed capabilities before and after the test."""
-    saved = dict(_rename._cache)
-    _rename._cache.clear()
+    _rename.forget()
     try:
         yield
     finally:
-        _rename._cache.clear()
-        _rename._cache.update(saved)
+        _rename.forget()
 
 
 @pytest.fixture

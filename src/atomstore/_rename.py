@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import threading
 from dataclasses import dataclass
 
@@ -68,10 +69,64 @@ _cache: dict[int, Capabilities] = {}
 _lock = threading.Lock()
 
 
+class _MountWatch:
+    """Tells whether the mount table changed since it last looked.
+
+    The kernel gives a freed device number to the next mount, which may be
+    another filesystem: a cached answer must not outlive its mount.
+    /proc/self/mountinfo reports every mount and unmount of the process's
+    mount namespace as a priority event to poll(2) (proc(5)), at the cost of
+    one non-blocking poll per look.
+    """
+
+    def __init__(self) -> None:
+        self._poller: select.poll | None = None
+        self._fd = -1
+
+    def changed(self) -> bool:
+        poller = self._poller
+        if poller is not None:
+            return bool(poller.poll(0))
+        try:
+            self._fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # pragma: no cover - no /proc: nothing to watch
+            return False
+        self._poller = select.poll()
+        self._poller.register(self._fd, select.POLLPRI)
+        return False  # nothing is cached before the first look (forget())
+
+    def reset(self) -> None:
+        """Stop watching; the next look starts afresh."""
+        self._poller = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+_mounts = _MountWatch()
+
+
+def forget() -> None:
+    """Forget every probed answer, and watch the mount table afresh.
+
+    For a process that forked (a child must not consume its parent's mount
+    events: they share the open file) or a thread that moved to another mount
+    namespace.
+    """
+    _mounts.reset()
+    _cache.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=forget)
+
+
 def capabilities(directory: str, device: int | None = None) -> Capabilities:
     """The capabilities of the filesystem of ``directory`` (probed once)."""
     if device is None:
         device = os.stat(directory).st_dev
+    if _mounts.changed():
+        _cache.clear()
     caps = _cache.get(device)
     if caps is None:
         with _lock:
@@ -130,7 +185,10 @@ def _probe_in(scratch: str) -> Capabilities:
         _syscalls.renameat2(a, b, RENAME_NOREPLACE)
     except OSError as e:
         if e.errno == errno.EEXIST:
-            noreplace = True
+            # The VFS refuses RENAME_NOREPLACE onto an existing name itself
+            # (fs/namei.c), before the filesystem sees the flag: only a
+            # rename onto a free name tells whether the filesystem takes it.
+            noreplace = _takes_noreplace(a, os.path.join(scratch, "d"))
         elif e.errno not in _FLAGS_REFUSED:
             raise
     else:
@@ -157,6 +215,17 @@ def _probe_in(scratch: str) -> Capabilities:
             raise
         hardlinks = False
     return Capabilities(noreplace, exchange, hardlinks, ignores)
+
+
+def _takes_noreplace(src: str, free: str) -> bool:
+    try:
+        _syscalls.renameat2(src, free, RENAME_NOREPLACE)
+    except OSError as e:
+        if e.errno in _FLAGS_REFUSED:
+            return False
+        raise
+    _syscalls.rename(free, src)
+    return True
 
 
 def _probe_links(directory: str, caps: Capabilities) -> Capabilities:
