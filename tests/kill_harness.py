@@ -8,6 +8,7 @@ left on disk.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
@@ -24,6 +25,16 @@ class KillReport:
     trials: int = 0
     killed: int = 0  # children that were still running when the signal came
     finished: int = 0  # children that had ended on their own
+
+
+def _die_with_parent() -> None:
+    # A worker must not outlive a test runner that was itself killed
+    # (prctl(2), PR_SET_PDEATHSIG).
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
 
 
 def kill_trials(
@@ -46,6 +57,7 @@ def kill_trials(
         delay = rng.uniform(0, max_delay)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
+            _die_with_parent()
             status = 0
             try:
                 work(i)
