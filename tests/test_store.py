@@ -705,6 +705,17 @@ def test_clean_removes_stale_tmp_files(store: FileStore) -> None:
     assert store.clean(0) == [os.path.join(store.path, "tmp", "young")]
 
 
+def test_clean_removes_stale_fuse_leftovers(store: FileStore) -> None:
+    put(store, "cur", ".fuse_hidden0000001a00000002", "finished message")
+    put(store, "cur", ".fuse_hidden0000001b00000003", "young")
+    put(store, "cur", ".other", "not ours")
+    then = time.time() - 40 * 3600
+    for name in (".fuse_hidden0000001a00000002", ".other"):
+        os.utime(os.path.join(store.path, "cur", name), (then, then))
+    assert store.clean() == [os.path.join(store.path, "cur", ".fuse_hidden0000001a00000002")]
+    assert everything(store) == ["cur/.fuse_hidden0000001b00000003", "cur/.other"]
+
+
 def test_private_store_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     os.umask(0o022)
     store = FileStore(tmp_path / "private", mode=0o600)

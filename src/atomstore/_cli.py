@@ -7,15 +7,19 @@ Exit statuses: 0 success, 1 error (a message on stderr), 2 bad usage,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Iterator, Sequence
+from typing import IO, Any, Callable
 
 from . import __version__, atomic
 from ._store import AREAS, FileStore
@@ -76,6 +80,13 @@ def _store(args: argparse.Namespace) -> FileStore:
     )
 
 
+def _stdin() -> IO[bytes]:
+    """Standard input as bytes; an error if the command was started without one."""
+    if sys.stdin is None:  # started with descriptor 0 closed (``<&-``)
+        raise OSError(errno.EBADF, "standard input is closed")
+    return sys.stdin.buffer
+
+
 def _print(line: str) -> None:
     print(line, flush=True)
 
@@ -88,7 +99,7 @@ def cmd_write(args: argparse.Namespace) -> int:
         durable=not args.no_sync,
         perms=args.mode,
     ) as f:
-        shutil.copyfileobj(sys.stdin.buffer, f, _CHUNK)
+        shutil.copyfileobj(_stdin(), f, _CHUNK)
     return EXIT_OK
 
 
@@ -101,7 +112,7 @@ def cmd_put(args: argparse.Namespace) -> int:
     store = _store(args)
     for source in args.files or ["-"]:
         if source == "-":
-            name = store.add(sys.stdin.buffer)
+            name = store.add(_stdin())
         else:
             with open(source, "rb") as f:
                 name = store.add(f)
@@ -141,9 +152,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     store = _store(args)
-    names = store.list("dead") if args.all else args.names
-    if not names:
+    if not args.all and not args.names:
         raise ValueError("name the dead letters to requeue, or pass --all")
+    names = store.list("dead") if args.all else args.names
     for name in names:
         _print(store.requeue(name))
     return EXIT_OK
@@ -289,12 +300,38 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    # SystemExit unwinds like KeyboardInterrupt: temporary files are removed
+    # on the way out, and the shell still sees 128 + the signal's number.
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _cleanup_on_termination() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into SystemExit while a command runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers
+        return
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        handler = signal.getsignal(signum)
+        if handler == signal.SIG_DFL:  # an ignored one (nohup) stays ignored
+            previous[signum] = handler
+            signal.signal(signum, _exit_on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        status: int = args.func(args)
+        with _cleanup_on_termination():
+            status: int = args.func(args)
         return status
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

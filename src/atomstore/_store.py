@@ -14,7 +14,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, Any, Union
 
 from . import _fileobj, _info, _rename, _staging, _syscalls, _tree, _watch, atomic
@@ -209,7 +209,7 @@ class FileStore:
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
-            if area == "dead":
+            if area == "dead" and os.path.isdir(self._dirs["new"]):
                 return []  # no message has died yet
             raise self._not_prepared(area) from None
         return [os.path.join(directory, n) for n in sorted(names) if not n.startswith(".")]
@@ -525,27 +525,23 @@ class FileStore:
     def clean(self, older_than: atomic.Duration = atomic.DEFAULT_STALE_AGE) -> builtins.list[str]:
         """Remove stale files from ``tmp/`` and stale staging files elsewhere.
 
-        Staleness is judged by mtime (atime lies on noatime mounts).
+        Staleness is judged by mtime (atime lies on noatime mounts).  Besides
+        the library's own staging files, the other areas lose the
+        ``.fuse_hidden*`` files a FUSE filesystem (sshfs) leaves when a
+        message is finished while the kernel still holds it open.
 
         :param older_than: seconds or a timedelta; 36 hours by default, as
             the maildir specification advises.
         :returns: the paths removed.
         """
         limit = time.time() - atomic.seconds(older_than)
-        tmp_dir = self._dirs["tmp"]
-        removed = []
-        with os.scandir(tmp_dir) as entries:
-            stale = [e for e in entries if _mtime(e) <= limit]
-        for entry in stale:
-            try:
-                _tree.remove_tree(entry.path)
-            except FileNotFoundError:  # pragma: no cover - removed meanwhile
-                continue
-            removed.append(entry.path)
+        removed = _remove_stale(self._dirs["tmp"], limit, lambda name: True)
         for area in ("new", "cur", "dead"):
-            if area == "dead" and not os.path.isdir(self._dirs[area]):
+            directory = self._dirs[area]
+            if area == "dead" and not os.path.isdir(directory):
                 continue
-            removed.extend(atomic.clean(self._dirs[area], older_than=older_than))
+            removed.extend(atomic.clean(directory, older_than=older_than))
+            removed.extend(_remove_stale(directory, limit, _is_fuse_leftover))
         if self.durable and removed:
             for directory in sorted({os.path.dirname(p) for p in removed}):
                 _tree.sync_dir(directory)
@@ -607,6 +603,27 @@ class Batch:
             self.commit()
         else:
             self.discard()
+
+
+def _is_fuse_leftover(name: str) -> bool:
+    # libfuse renames a file unlinked while open to .fuse_hiddenXXXX and
+    # deletes it on release, which can be lost in a race (sshfs cannot turn
+    # it off with hard_remove).
+    return name.startswith(".fuse_hidden")
+
+
+def _remove_stale(directory: str, limit: float, pick: Callable[[str], bool]) -> builtins.list[str]:
+    """Remove the entries of ``directory`` that ``pick`` names, older than ``limit``."""
+    with os.scandir(directory) as entries:
+        stale = [e.path for e in entries if pick(e.name) and _mtime(e) <= limit]
+    removed = []
+    for path in stale:
+        try:
+            _tree.remove_tree(path)
+        except FileNotFoundError:  # pragma: no cover - removed meanwhile
+            continue
+        removed.append(path)
+    return removed
 
 
 def _mtime(entry: os.DirEntry[str]) -> float:

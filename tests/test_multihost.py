@@ -1,0 +1,486 @@
+"""Several hosts, one store: FileStore across sshfs, a real network filesystem.
+
+The harness (tests/multihost.py) runs a file server (sshd) and two or three
+hosts in network namespaces of their own; each host mounts the server's
+directory with sshfs and runs producers and consumers below that mount
+(tests/multihost_worker.py).  What is "on the server" is read directly.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import os
+import random
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import multihost
+from atomstore import FileStore
+from atomstore._info import escape_hostname
+from atomstore._rename import Capabilities
+from multihost import Cluster, Flag, Job
+from tracing import Recorder
+
+Results = dict[str, dict[str, Any]]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Callable[[int], Cluster]]:
+    """Start a file server and N hosts; everything is torn down afterwards."""
+    with contextlib.ExitStack() as stack:
+        yield lambda count: stack.enter_context(multihost.cluster(tmp_path, count))
+
+
+def on_server(cluster: Cluster) -> list[str]:
+    """Every entry the store's areas hold on the server, hidden ones too."""
+    store = cluster.store_dir()
+    return sorted(f"{a}/{n}" for a in ("tmp", "new", "cur") for n in os.listdir(store / a))
+
+
+def visible(directory: Path) -> list[str]:
+    """The names of ``directory`` a store lists (hidden ones left out)."""
+    return [n for n in os.listdir(directory) if not n.startswith(".")]
+
+
+def fuse_hidden(entries: list[str]) -> list[str]:
+    """The files libfuse renamed aside because they seemed open when unlinked."""
+    return [e for e in entries if os.path.basename(e).startswith(".fuse_hidden")]
+
+
+def publishing(calls: list[str]) -> list[str]:
+    """The link, rename and unlink calls (with their errors) of a call log."""
+    return [c for c in calls if c.partition(":")[0] in ("link", "rename", "unlink")]
+
+
+def of_role(results: Results, role: str) -> Results:
+    return {key: r for key, r in results.items() if key.endswith(f" {role}")}
+
+
+def host_of(key: str) -> str:
+    return key.split(" ")[0]
+
+
+# -- unique names -----------------------------------------------------------
+
+
+def test_names_from_two_hosts_differ_when_pid_clock_and_counter_coincide(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Forked children share the counter; a patched clock, pid and random
+    # part make everything but the host coincide.
+    monkeypatch.setattr(time, "time_ns", lambda: 1_700_000_000_123_456_000)
+    monkeypatch.setattr("atomstore._names.token", lambda: "0123456789ab")
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+
+    def name_in_child(hostname: str) -> str:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.write(write, FileStore("unused", hostname=hostname).unique_name().encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with open(read, "rb") as f:
+            name = f.read().decode()
+        os.waitpid(pid, 0)
+        return name
+
+    alpha, beta, alpha_again = (name_in_child(h) for h in ("alpha", "beta:2/b,c", "alpha"))
+    assert re.fullmatch(r"1700000000\.M123456P4242Q\d+R01234567\.alpha", alpha)
+    assert beta.endswith(".beta\\0722\\057b\\054c")  # : / , escaped as maildir does
+    # Without the host part the names would collide: only it tells them apart.
+    assert alpha_again == alpha
+    assert beta.rsplit(".", 1)[0] == alpha.rsplit(".", 1)[0]
+    assert beta != alpha
+
+
+# -- the link fallback, when NFS retransmits a link() -----------------------
+
+
+def test_store_recognises_its_own_retransmitted_link(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    # On NFS a link() that succeeded may be sent again and answered EEXIST
+    # (nfs(5)): the name is the store's own (same inode), not a clash.
+    force_caps(noreplace=False, exchange=False, hardlinks=True)
+    store = FileStore(tmp_path / "store")
+    store.prepare()
+    trace.fail("link", errno.EEXIST, after=True)
+    name = store.add(b"payload")
+    [link] = trace.named("link")
+    assert link.error is not None
+    assert link.error.errno == errno.EEXIST
+    assert os.listdir(tmp_path / "store" / "tmp") == []
+    assert os.listdir(tmp_path / "store" / "new") == [name]
+
+    claim = store.claim()
+    assert claim is not None
+    assert claim.name == name
+    assert trace.count("link") == 1  # a claim renames: its target is new
+
+    trace.fail("link", errno.EEXIST, after=True)
+    back = os.path.basename(claim.release())
+    assert trace.count("link") == 2
+    assert back == f"{name}:1,A1"
+    assert os.listdir(tmp_path / "store" / "cur") == []
+    assert os.listdir(tmp_path / "store" / "new") == [back]
+
+    again = store.claim()
+    assert again is not None
+    assert again.attempts == 1
+    assert again.read_bytes() == b"payload"
+    again.finish()
+    assert [os.listdir(tmp_path / "store" / a) for a in ("tmp", "new", "cur")] == [[], [], []]
+
+
+def test_store_link_clash_with_another_file_is_refused(
+    tmp_path: Path, force_caps: Callable[..., Capabilities]
+) -> None:
+    force_caps(noreplace=False, exchange=False, hardlinks=True)
+    store = FileStore(tmp_path / "store")
+    store.prepare()
+    name = store.add(b"published")
+    with store.create(name) as f:
+        f.write("staged")
+    with pytest.raises(FileExistsError) as info:
+        store.move(name, "tmp", "new")
+    assert info.value.errno == errno.EEXIST
+    assert info.value.filename == str(tmp_path / "store" / "new" / name)
+    assert (tmp_path / "store" / "new" / name).read_bytes() == b"published"
+    assert (tmp_path / "store" / "tmp" / name).read_bytes() == b"staged"
+
+
+# -- several hosts through sshfs --------------------------------------------
+
+
+@pytest.mark.slow
+def test_sshfs_capabilities_and_no_clobber(cluster: Callable[[int], Cluster]) -> None:
+    hosts = cluster(1)
+    [host] = hosts.hosts
+    run = hosts.launch(
+        {host: [Job("probe", {"store": "links/links"}), Job("probe", {"store": "last/last"})]},
+        mounts={
+            "links": multihost.FRESH_LISTINGS,
+            # link(2) refused: the documented last resort (check, then rename).
+            "last": (*multihost.FRESH_LISTINGS, "disable_hardlink"),
+        },
+    )
+    run.wait_ready()
+    run.go()
+    results = run.wait(60)
+    links, last = results[f"{host.hostname} 0 probe"], results[f"{host.hostname} 1 probe"]
+    for result in (links, last):
+        # The kernel refuses an existing target itself (EEXIST, ENOENT) before
+        # asking the filesystem; sshfs refuses every flag it is asked (EINVAL).
+        assert result["raw"] == {
+            "noreplace onto existing": "EEXIST",
+            "exchange onto existing": "EINVAL",
+            "noreplace onto absent": "EINVAL",
+            "exchange onto absent": "ENOENT",
+        }
+        # Nothing clobbered: not by a rename, not by a move onto a message.
+        assert result["refused"] == {"rename": errno.EEXIST, "move": errno.EEXIST}
+        assert result["scratch"] == {"a": "A", "b": "B"}
+        assert result["got"] == "first"
+        assert result["in_tmp"] == "second"
+        assert result["back"] == f"{result['name']}:1,A1"
+        # The refused move replaced nothing: no link or rename succeeded.
+        assert {"link", "rename"}.isdisjoint(publishing(result["move_calls"]))
+        # A claim is one plain rename, decided on the server.
+        assert result["claim_calls"][0] == "rename"
+        assert fuse_hidden(result["left"]) == result["left"]
+    # The publishing calls of add(), in order.  sshfs is asked for no flag
+    # that it could drop: every renameat2 it got was refused.
+    for result in (links, last):
+        assert "renameat2" not in result["add_calls"]
+        assert "renameat2" not in result["release_calls"]
+    assert publishing(links["add_calls"]) == ["link", "unlink"]  # OpenSSH's hardlink@
+    assert publishing(links["release_calls"]) == ["link", "unlink"]
+    assert publishing(last["add_calls"]) == ["rename"]  # after a check that it is free
+    assert publishing(last["release_calls"]) == ["rename"]
+    # (noreplace, exchange, hardlinks, ignores_flags): sshfs honours no flag.
+    assert links["capabilities"] == [False, False, True, False]
+    assert last["capabilities"] == [False, False, False, False]
+
+
+@pytest.mark.slow
+def test_exchange_across_hosts_loses_and_duplicates_nothing(
+    cluster: Callable[[int], Cluster],
+) -> None:
+    per_producer = 5000
+    hosts = cluster(2)
+    FileStore(hosts.store_dir()).prepare()
+    run = hosts.launch(
+        {
+            host: [
+                Job("produce", {"count": per_producer, "max_seconds": 300.0}),
+                Job("consume", {"stop": Flag("stop"), "max_seconds": 300.0}),
+            ]
+            for host in hosts.hosts
+        }
+    )
+    run.wait_ready()
+    started = time.monotonic()
+    run.go()
+    producers = run.keys("produce")
+    new_dir = hosts.store_dir() / "new"
+    run.wait_until(
+        lambda: all(run.done(k) for k in producers) and not visible(new_dir),
+        300,
+        "exchanging messages",
+    )
+    run.raise_flag("stop")
+    results = run.wait(60)
+    seconds = time.monotonic() - started
+
+    published = {}
+    for result in of_role(results, "produce").values():
+        assert result["errors"] == []
+        suffix = "." + escape_hostname(result["hostname"])
+        for ident, name, checksum in result["published"]:
+            assert name.endswith(suffix)
+            published[ident] = (name, checksum)
+    assert len(published) == 2 * per_producer
+    assert len({name for name, _ in published.values()}) == len(published)
+    # Each host's producer ran with the same pid; only the host tells apart.
+    pids = {r["pid"] for r in of_role(results, "produce").values()}
+    assert len(pids) == 1
+
+    delivered: dict[str, list[Any]] = collections.defaultdict(list)
+    for key, result in of_role(results, "consume").items():
+        assert result["errors"] == []
+        senders = collections.Counter(d[0].split("#")[0] for d in result["delivered"])
+        assert set(senders) == {h.hostname for h in hosts.hosts}, f"{key} got {senders}"
+        for ident, name, checksum, intact, attempts, finish_error in result["delivered"]:
+            delivered[ident].append((name, checksum, intact, attempts, finish_error))
+    assert set(delivered) == set(published)  # nothing lost, nothing made up
+    duplicated = {i: d for i, d in delivered.items() if len(d) != 1}
+    assert duplicated == {}
+    for ident, [(name, checksum, intact, attempts, finish_error)] in delivered.items():
+        assert (name, checksum) == published[ident]
+        assert intact
+        assert attempts == 0
+        assert finish_error is None
+    left = on_server(hosts)
+    assert fuse_hidden(left) == left
+    lost_races = sum(r["lost_races"] for r in of_role(results, "consume").values())
+    print(
+        f"\n{len(published)} messages between 2 hosts in {seconds:.1f} s; "
+        f"{lost_races} claims lost to the other consumer; "
+        f"{len(left)} .fuse_hidden files left in cur/"
+    )
+
+
+@pytest.mark.slow
+def test_hosts_racing_with_stale_caches_never_share_a_message(
+    cluster: Callable[[int], Cluster],
+) -> None:
+    # Every consumer lists new/ once and works down the same names, oldest
+    # first, through caches that keep names, attributes and listings for a
+    # minute: most renames aim at a message another host already took.
+    count = 1500
+    hosts = cluster(2)
+    store = FileStore(hosts.store_dir(), durable=False)
+    store.prepare()
+    names = {store.add(f"message {i}".encode()) for i in range(count)}
+    consumers = [Job("consume", {"stop": Flag("stop"), "store": "cached/store"})] * 2
+    run = hosts.launch(
+        {host: consumers for host in hosts.hosts},
+        mounts={"cached": multihost.STALE_CACHES},
+    )
+    run.wait_ready()
+    run.go()
+    new_dir = hosts.store_dir() / "new"
+    run.wait_until(lambda: not visible(new_dir), 120, "claiming")
+    run.raise_flag("stop")
+    results = run.wait(60)
+
+    owners: dict[str, list[str]] = collections.defaultdict(list)
+    for key, result in results.items():
+        assert result["errors"] == []
+        for _, name, _, _, _, finish_error in result["delivered"]:
+            assert finish_error is None
+            owners[name].append(key)
+    assert set(owners) == names
+    shared = {name: keys for name, keys in owners.items() if len(keys) > 1}
+    assert shared == {}
+    per_host = collections.Counter(host_of(k) for keys in owners.values() for k in keys)
+    lost = {key: r["lost_races"] for key, r in results.items()}
+    # The race took place: each host lost renames to the other.
+    assert all(n > 0 for n in lost.values()), lost
+    left = on_server(hosts)
+    assert fuse_hidden(left) == left
+    print(f"\n{count} messages claimed by 2x2 consumers: {dict(per_host)}; lost races {lost}")
+
+
+@pytest.mark.slow
+def test_waiting_consumer_polls_for_another_hosts_message(
+    cluster: Callable[[int], Cluster],
+) -> None:
+    rounds = 5
+    hosts = cluster(2)
+    FileStore(hosts.store_dir()).prepare()
+    waiter, adder = hosts.hosts
+    flags = str(hosts.root / "poll-flags")
+    os.mkdir(flags)
+    run = hosts.launch(
+        {
+            waiter: [
+                Job(
+                    "wait_for_others",
+                    {"flags": flags, "rounds": rounds, "wait": 10.0, "blind_wait": 2.0},
+                )
+            ],
+            adder: [Job("add_when_ready", {"flags": flags, "rounds": rounds})],
+        }
+    )
+    run.wait_ready()
+    run.go()
+    results = run.wait(90)
+    waited = results[f"{waiter.hostname} 0 wait_for_others"]
+    added = results[f"{adder.hostname} 0 add_when_ready"]["added"]
+
+    # sshfs counts as remote: the waiter polls, at the default interval.
+    assert waited["filesystem"] == "fuse.sshfs"
+    assert waited["remote"] is True
+    assert waited["poll_interval"] == 0.5
+    # inotify watches the mount (for this host's own writes), but sees
+    # nothing of the other host's add.
+    assert waited["uses_inotify"] is True
+    assert waited["blind_uses_inotify"] is True
+    blind_from, blind_until = waited["blind"]
+    [_, first, added_at] = added[0]
+    assert blind_from < added_at < blind_until
+    assert blind_until - blind_from >= 1.9  # the whole wait: no wake-up came
+    assert waited["first"] == first
+    latencies = []
+    for (r, name, got), (r_added, name_added, added_at) in zip(waited["arrivals"], added[1:]):
+        assert (r, name) == (r_added, name_added)
+        latencies.append(got - added_at)
+    # Within one poll interval (and the listing and claim over the network).
+    assert max(latencies) < waited["poll_interval"] + 0.35, latencies
+    assert os.listdir(hosts.store_dir() / "new") == []
+    print(f"\nanother host's message arrived after {[round(x, 3) for x in latencies]} s")
+
+
+OUTAGE = 4.0  # longer than ssh's ServerAliveInterval * ServerAliveCountMax
+RECOVERY = 5.0  # the seconds after an outage in which a call may still fail
+SLOWEST_CALL = 15.0  # a call taking longer counts as a hang
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", [2, 3])
+def test_link_down_and_back_loses_and_duplicates_nothing(
+    cluster: Callable[[int], Cluster], count: int
+) -> None:
+    hosts = cluster(count)
+    FileStore(hosts.store_dir()).prepare()
+    run = hosts.launch(
+        {
+            host: [
+                Job("produce", {"stop": Flag("stop-producers")}),
+                Job("consume", {"stop": Flag("stop-consumers")}),
+            ]
+            for host in hosts.hosts
+        }
+    )
+    run.wait_ready()
+    run.go()
+    rng = random.Random(count)
+    outages = []
+    for trial in range(count):  # each host loses its link once
+        time.sleep(rng.uniform(1.0, 2.0))
+        host = hosts.hosts[trial]
+        down = time.monotonic()
+        hosts.set_link(host, up=False)
+        time.sleep(OUTAGE)
+        hosts.set_link(host, up=True)
+        outages.append((host.hostname, down, time.monotonic()))
+    time.sleep(1.0)
+    run.raise_flag("stop-producers")
+    new_dir = hosts.store_dir() / "new"
+    run.wait_until(
+        lambda: all(run.done(k) for k in run.keys("produce")) and not visible(new_dir),
+        120,
+        "consuming what was published",
+    )
+    run.raise_flag("stop-consumers")
+    results = run.wait(60)
+    stranded = on_server(hosts)
+
+    # What a fault left behind: claims whose rename reached the server but
+    # whose answer did not, and staged files whose publishing failed.
+    drain = hosts.launch({hosts.hosts[0]: [Job("drain", {"stop": Flag("stop")})]})
+    drain.raise_flag("stop")  # consume what is there, then end
+    drain.wait_ready()
+    drain.go()
+    [drained] = drain.wait(60).values()
+
+    published: dict[str, tuple[str, str]] = {}
+    add_failed: dict[str, int] = {}
+    errors = []
+    slowest = 0.0
+    for key, result in results.items():
+        slowest = max(slowest, result["slowest"])
+        for op, code, _text, started, elapsed, ident in result["errors"]:
+            errors.append((host_of(key), op, code, started, elapsed))
+            if op == "add":
+                add_failed[ident] = code
+        for ident, name, checksum in result.get("published", []):
+            published[ident] = (name, checksum)
+    deliveries: dict[str, list[list[Any]]] = collections.defaultdict(list)
+    for result in [*of_role(results, "consume").values(), drained]:
+        for delivery in result["delivered"]:
+            deliveries[delivery[0]].append(delivery)
+
+    # Calls failed with an errno, fast, on the host that lost its link and
+    # only while it was down (or reconnecting).
+    assert slowest < SLOWEST_CALL
+    for hostname, op, code, started, elapsed in errors:
+        assert isinstance(code, int), (hostname, op, code)
+        assert any(
+            h == hostname and started + elapsed >= down and started <= up + RECOVERY
+            for h, down, up in outages
+        ), (hostname, op, code, started, outages)
+    assert {e[0] for e in errors} == {h.hostname for h in hosts.hosts}
+
+    # Every message add() returned was delivered, complete, under its name.
+    lost = set(published) - set(deliveries)
+    assert lost == set()
+    for ident, got in deliveries.items():
+        assert ident in published or ident in add_failed  # nothing made up
+        for _, name, checksum, intact, _, _ in got:
+            assert intact
+            if ident in published:
+                assert (name, checksum) == published[ident]
+        # A message comes again only after a claim that a fault cut short:
+        # at most one delivery ended in a successful finish, and each came
+        # with one more attempt counted.
+        assert sum(1 for d in got if d[5] is None) <= 1, got
+        assert len({d[4] for d in got}) == len(got), got
+    left = on_server(hosts)
+    assert fuse_hidden(left) == left
+    assert drained["errors"] == []
+
+    redelivered = {i: len(g) - 1 for i, g in deliveries.items() if len(g) > 1}
+    despite = sorted(i for i in add_failed if i in deliveries)
+    by_op = collections.Counter(
+        f"{op}:{errno.errorcode.get(code, code)}" for _, op, code, _, _ in errors
+    )
+    print(
+        f"\n{count} hosts, {len(outages)} outages of {OUTAGE} s: {len(published)} published "
+        f"({len(add_failed)} add() failed, {len(despite)} of those published all the same); "
+        f"errors {dict(by_op)}; slowest call {slowest:.2f} s; "
+        f"stranded {len(stranded) - len(fuse_hidden(stranded))} entries; "
+        f"recovered {len(drained['recovered'])} claims, cleaned {len(drained['cleaned'])}; "
+        f"redelivered {sum(redelivered.values())}; "
+        f"{len(fuse_hidden(left))} .fuse_hidden left"
+    )
