@@ -32,9 +32,22 @@ def fresh_probe() -> Iterator[None]:
         _rename.forget()
 
 
+class _SteadyMounts(_rename._MountWatch):
+    """A mount watch that never sees a change: forced answers stay."""
+
+    def changed(self) -> bool:
+        return False
+
+
 @pytest.fixture
-def force_caps(tmp_path: os.PathLike[str], fresh_probe: None) -> Callable[..., Capabilities]:
-    """Pretend the test's filesystem has the given capabilities."""
+def force_caps(
+    tmp_path: os.PathLike[str], fresh_probe: None, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Capabilities]:
+    """Pretend the test's filesystem has the given capabilities.
+
+    Mounts elsewhere on the machine (other tests) do not undo the pretence.
+    """
+    monkeypatch.setattr(_rename, "_mounts", _SteadyMounts())
 
     def force(**flags: bool) -> Capabilities:
         caps = Capabilities(

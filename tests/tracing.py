@@ -54,6 +54,9 @@ class Recorder:
     fds: dict[int, str] = field(default_factory=dict)
 
     def __call__(self, name: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if name == "write":
+            # BufferedWriter passes a view of its own buffer, reused later.
+            args = (args[0], bytes(args[1]))
         call = Call(name, args, kwargs)
         if name in _FD_CALLS:
             call.target = self.fds.get(args[0])

@@ -359,6 +359,7 @@ def folder(
     if current is not None and not overwrite:
         raise _exists(dest)
     staging = _make_staging(parent, base, current)
+    old: str | None = None
     try:
         yield Path(staging)
         if durable:
@@ -368,6 +369,10 @@ def folder(
             _tree.sync_dir(parent)
     except BaseException:
         _remove_quietly(staging)
+        if old is not None:
+            # Published, then the parent's fsync failed: the old tree, moved
+            # aside by the fallback, is no longer wanted either.
+            _remove_quietly(old)
         raise
     if old is not None:
         _remove_quietly(old)
