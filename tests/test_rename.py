@@ -140,6 +140,18 @@ def test_link_refused_uses_the_last_resort(
     assert trace.count("rename") == 1
 
 
+def test_link_fallback_undoes_the_link_when_unlink_fails(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "msg").write_text("m")
+    trace.fail("unlink", errno.EIO, when=lambda call: call.args[0] == str(tmp_path / "msg"))
+    with pytest.raises(OSError) as info:
+        atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert info.value.errno == errno.EIO
+    assert listing(tmp_path) == ["msg"]
+
+
 def test_link_fallback_loses_a_race_cleanly(
     tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
 ) -> None:
@@ -167,6 +179,30 @@ def test_link_retransmitted_eexist_is_recognised(
     trace.fail("link", errno.EEXIST, after=True)
     atomic.rename(tmp_path / "msg", tmp_path / "new")
     assert listing(tmp_path) == ["new"]
+
+
+@pytest.mark.parametrize("flags", [{"noreplace": False}, {"noreplace": False, "hardlinks": False}])
+def test_rename_onto_itself_is_a_clash(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], flags: Any
+) -> None:
+    # The same name is "another file with this name" to a no-clobber rename
+    # (renameat2 answers EEXIST); the link fallback must not take it for its
+    # own retransmitted link and unlink the only name.
+    force_caps(exchange=False, **flags)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "f").write_text("keep")
+    (tmp_path / "alias").symlink_to(".")
+    for dst in (tmp_path / "f", tmp_path / "sub" / ".." / "f", tmp_path / "alias" / "f"):
+        with pytest.raises(FileExistsError):
+            atomic.rename(tmp_path / "f", dst)
+        assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_rename_onto_itself_natively_is_a_clash(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("keep")
+    with pytest.raises(FileExistsError):
+        atomic.rename(tmp_path / "f", tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "keep"
 
 
 def test_link_eexist_of_another_file_is_a_clash(

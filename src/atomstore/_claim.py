@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from typing import IO, TYPE_CHECKING, Any
 
@@ -13,6 +14,31 @@ if TYPE_CHECKING:
     from ._store import FileStore
 
 READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+# Opening a FIFO to read blocks until a writer comes: never wait on one.
+_OPEN_REGULAR_FLAGS = READ_FLAGS | os.O_NONBLOCK
+
+
+def open_regular(path: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+    """Open ``path`` for reading as ``open()`` would, if it is a regular file.
+
+    A symlink is refused (ELOOP), and so are a directory (EISDIR) and a FIFO
+    or device (EINVAL), without blocking.
+    """
+    fd = os.open(path, _OPEN_REGULAR_FLAGS)
+    try:
+        kind = os.fstat(fd).st_mode
+        if not stat.S_ISREG(kind):
+            if stat.S_ISDIR(kind):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        f = open(fd, mode, **kwargs)  # noqa: SIM115 - the caller closes it
+    except BaseException:
+        os.close(fd)
+        raise
+    raw: Any = getattr(getattr(f, "buffer", f), "raw", f)
+    raw.name = path  # open() of a descriptor names the file by its number
+    return f
 
 
 class ClaimLostError(FileNotFoundError):
@@ -77,10 +103,9 @@ class Claim:
         if mode not in ("r", "rb", "rt"):
             raise ValueError(f"invalid mode {mode!r}: a claim is opened to read")
         try:
-            fd = os.open(self.path, READ_FLAGS)
+            return open_regular(self.path, mode, **kwargs)
         except FileNotFoundError:
             raise self.lost() from None
-        return open(fd, mode, **kwargs)
 
     def read_bytes(self) -> bytes:
         """The claimed file's content."""

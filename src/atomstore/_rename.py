@@ -284,17 +284,34 @@ def _link_then_unlink(src: str, dst: str) -> bool:
             return False
         if e.errno != errno.EEXIST:
             raise
-        if not _same_file(src, dst):
+        if not _same_file(src, dst) or _same_entry(src, dst):
             raise _exists_error(dst) from None
         # NFS may retransmit a link() that succeeded and answer EEXIST to the
         # retry (nfs(5), "soft" and "hard"): the name is ours after all.
     try:
         _syscalls.unlink(src)
-    except FileNotFoundError:
-        # Another process moved src between our link and unlink: it won.
-        _syscalls.unlink(dst)
+    except BaseException:
+        # FileNotFoundError: another process moved src between our link and
+        # unlink, and won.  Anything else: the move failed.  Either way the
+        # second name goes, and the error is raised.
+        try:
+            _syscalls.unlink(dst)
+        except OSError:
+            pass
         raise
     return True
+
+
+def _same_entry(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are one name, however spelled."""
+    if os.path.basename(a) != os.path.basename(b):
+        return False
+    try:
+        return os.path.samestat(
+            os.stat(os.path.dirname(a) or "."), os.stat(os.path.dirname(b) or ".")
+        )
+    except OSError:
+        return False
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -42,12 +42,15 @@ def open_temp(
     base: str,
     perms: int | None = None,
     like: os.stat_result | None = None,
+    create_mode: int = 0o666,
 ) -> tuple[str, int]:
     """Create a hidden temporary file for ``base`` in ``directory``.
 
     :param perms: exact permission bits for the file.
     :param like: the file being replaced: its owner, group and (unless
         ``perms`` is given) mode are copied, where the process may.
+    :param create_mode: the mode to create with, minus the umask, when
+        neither ``perms`` nor ``like`` decides.
     :returns: the temporary file's path and its open descriptor.
     :raises OSError: naming ``directory`` (missing, not a directory, not
         writable).
@@ -55,7 +58,7 @@ def open_temp(
     for _ in range(_ATTEMPTS):
         temp = f"{directory}/{_names.staging_name(base, 'tmp')}"
         try:
-            fd = _syscalls.open(temp, FILE_FLAGS, 0o666 if perms is None else perms)
+            fd = _syscalls.open(temp, FILE_FLAGS, create_mode if perms is None else perms)
         except FileExistsError:
             continue
         except OSError as e:

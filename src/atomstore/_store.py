@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import io
 import math
 import os
 import socket
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import IO, Any, Union
 
 from . import _fileobj, _info, _rename, _staging, _syscalls, _tree, _watch, atomic
-from ._claim import READ_FLAGS, Claim, ClaimLostError, Claims
+from ._claim import READ_FLAGS, Claim, ClaimLostError, Claims, open_regular
 from ._info import escape_hostname, split_info
 from ._rename import Capabilities
 
@@ -78,7 +79,9 @@ class FileStore:
     ) -> None:
         self.path = os.path.abspath(atomic.fspath(path))
         self.durable = durable
-        if mode is not None and (not isinstance(mode, int) or not 0 <= mode <= 0o777):
+        if mode is not None and (
+            not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777
+        ):
             raise ValueError(f"mode must be permission bits 0 to 0o777: {mode!r}")
         self.mode = mode
         if hostname is None:
@@ -154,6 +157,8 @@ class FileStore:
         :raises NotADirectoryError: the store path (or a parent) is a file.
         """
         dir_mode = 0o777 if self.mode is None else _dir_mode(self.mode)
+        # A private store's missing parents are made private too: a parent
+        # others can write would let them swap the store for another.
         created = _makedirs(self.path, dir_mode, self.mode is not None)
         for area in _PREPARED:
             if _makedirs(self._dirs[area], dir_mode, self.mode is not None):
@@ -256,12 +261,11 @@ class FileStore:
             raise ValueError(f"src and dst are the same area: {src!r}")
         if not overwrite and os.path.lexists(target):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
-        # O_NOFOLLOW: a symlink planted in the store is not copied through.
-        with open(os.open(source, READ_FLAGS), "rb", buffering=0) as src_file:
-            st = os.fstat(src_file.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", source)
-            temp, fd = _staging.open_temp(dst_dir, name, stat.S_IMODE(st.st_mode))
+        with open_regular(source, "rb", buffering=0) as src_file:
+            # As cp(1): the source's mode minus the umask, unless the store
+            # sets the mode.
+            mode = stat.S_IMODE(os.fstat(src_file.fileno()).st_mode) & 0o777
+            temp, fd = _staging.open_temp(dst_dir, name, self.mode, create_mode=mode)
             _staging.fill(temp, fd, src_file, self.durable)
         _staging.publish(temp, target, None if overwrite else self._capabilities(), self.durable)
 
@@ -326,6 +330,8 @@ class FileStore:
         """Write ``data`` complete (and synced) in ``tmp/``: (name, path)."""
         if isinstance(data, str):
             data = data.encode(encoding)
+        elif isinstance(data, io.TextIOBase):
+            raise TypeError("data must be a binary file, not a text file")
         elif not isinstance(data, (bytes, bytearray, memoryview)) and not hasattr(data, "read"):
             raise TypeError(
                 f"data must be bytes-like, str or a binary file, not {type(data).__name__}"
@@ -468,11 +474,17 @@ class FileStore:
 
     def _make_dead(self) -> None:
         dead = self._dirs["dead"]
-        if os.path.isdir(dead):
+        try:
+            st = os.lstat(dead)
+        except FileNotFoundError:
+            mode = 0o777 if self.mode is None else _dir_mode(self.mode)
+            if _makedirs(dead, mode, self.mode is not None) and self.durable:
+                _tree.sync_dir(self.path)
             return
-        mode = 0o777 if self.mode is None else _dir_mode(self.mode)
-        if _makedirs(dead, mode, self.mode is not None) and self.durable:
-            _tree.sync_dir(self.path)
+        if not stat.S_ISDIR(st.st_mode):
+            # dead/ is made late: until then anyone who can write the store's
+            # directory could plant a link there.  Never follow it.
+            raise NotADirectoryError(errno.ENOTDIR, "store area is not a directory", dead)
 
     def recover(self, older_than: atomic.Duration) -> builtins.list[str]:
         """Return claims older than ``older_than`` to ``new/`` (or ``dead/``).
@@ -484,10 +496,14 @@ class FileStore:
 
         :param older_than: the lease, in seconds or as a timedelta.
         :returns: the paths the recovered messages have now.
+        :raises FileExistsError: a recovered message's name was taken in
+            ``new/`` (the claim stays in ``cur/``), after every other claim
+            was recovered.
         """
         limit = time.time_ns() // 1000 - int(atomic.seconds(older_than) * 1e6)
         cur_dir = self._dirs["cur"]
         recovered = []
+        clash: FileExistsError | None = None
         for name in sorted(os.listdir(cur_dir)):
             base, fields = split_info(name)
             try:
@@ -502,7 +518,14 @@ class FileStore:
                 )
             except FileNotFoundError:
                 continue  # finished or recovered meanwhile
+            except FileExistsError as e:
+                # Something took its name in new/: it stays claimed (never
+                # clobber); the others are still recovered.
+                clash = clash or e
+                continue
             recovered.append(path)
+        if clash is not None:
+            raise clash
         return recovered
 
     def requeue(self, name: str) -> str:
@@ -649,7 +672,7 @@ def _makedirs(path: str, mode: int, exact: bool) -> list[str]:
             raise NotADirectoryError(errno.ENOTDIR, "store path is not a directory", path)
         return []
     parent = os.path.dirname(path)
-    created = _makedirs(parent, 0o777, False) if parent != path else []
+    created = _makedirs(parent, mode, exact) if parent != path else []
     try:
         _syscalls.mkdir(path, mode)
     except FileExistsError:

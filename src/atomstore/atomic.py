@@ -78,11 +78,17 @@ def seconds(value: object, what: str = "older_than") -> float:
     return result
 
 
+_NAME_MAX = 255  # bytes, on every Linux filesystem
+
+
 def _split(dest: str) -> tuple[str, str]:
     # str.rpartition: os.path.split costs more on this hot path.
     directory, slash, base = dest.rpartition("/")
     if not base or base in (".", ".."):
         raise IsADirectoryError(errno.EISDIR, "names a directory, not a file", dest)
+    if len(base) > _NAME_MAX // 4 and len(os.fsencode(base)) > _NAME_MAX:
+        # Found now, not by the final rename, which would name the temporary.
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), dest)
     if not slash:
         return ".", base
     return directory or "/", base
@@ -108,6 +114,17 @@ def _target(path: object, follow_symlinks: bool) -> tuple[str, os.stat_result | 
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), dest)
     return dest, st
+
+
+def check_perms(perms: object) -> int | None:
+    """``perms`` validated: None or permission bits 0 to 0o7777."""
+    if perms is None:
+        return None
+    if not isinstance(perms, int):
+        raise TypeError(f"perms must be an int such as 0o644, not {type(perms).__name__}")
+    if isinstance(perms, bool) or not 0 <= perms <= 0o7777:
+        raise ValueError(f"perms must be permission bits 0 to 0o7777: {perms!r}")
+    return perms
 
 
 def _exists(dest: str) -> FileExistsError:
@@ -160,6 +177,7 @@ def file(
     :raises IsADirectoryError: ``path`` is a directory.
     """
     _fileobj.check_write_mode(mode)
+    check_perms(perms)
     dest, current = _target(path, follow_symlinks)
     if current is not None and not overwrite:
         raise _exists(dest)
@@ -219,6 +237,7 @@ def write_bytes(
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
+    check_perms(perms)
     if overwrite:
         dest, current = _target(path, follow_symlinks)
     else:
