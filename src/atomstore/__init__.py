@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 from . import atomic
+from ._batch import Batch
 from ._claim import Claim, ClaimLostError, Claims
-from ._store import Batch, FileStore
+from ._store import FileStore
 from .atomic import Capabilities
 
 __all__ = ["Batch", "Capabilities", "Claim", "ClaimLostError", "Claims", "FileStore", "atomic"]

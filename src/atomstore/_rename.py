@@ -167,7 +167,16 @@ def _probe(directory: str) -> Capabilities:
     except OSError:
         return _ASSUMED
     finally:
+        _remove_scratch(scratch)
+
+
+def _remove_scratch(scratch: str) -> None:
+    # A probe must not fail the operation that asked for it: a scratch
+    # directory that cannot be removed now is a staging name clean() removes.
+    try:
         remove_tree(scratch)
+    except OSError:
+        pass
 
 
 def _renameat2_available() -> bool:
@@ -244,7 +253,7 @@ def _probe_links(directory: str, caps: Capabilities) -> Capabilities:
             return Capabilities(False, False, True)
         return _NOTHING
     finally:
-        remove_tree(scratch)
+        _remove_scratch(scratch)
     return Capabilities(False, False, True)
 
 

@@ -19,11 +19,13 @@ from collections.abc import Callable, Iterable
 from typing import IO, Any, Union
 
 from . import _fileobj, _info, _rename, _staging, _syscalls, _tree, _watch, atomic
+from ._args import Duration, StrPath, fspath, seconds
+from ._batch import Batch
 from ._claim import READ_FLAGS, Claim, ClaimLostError, Claims, open_regular
 from ._info import escape_hostname, split_info
 from ._rename import Capabilities
 
-__all__ = ["AREAS", "Batch", "Claim", "ClaimLostError", "Claims", "FileStore"]
+__all__ = ["AREAS", "Claim", "ClaimLostError", "Claims", "FileStore"]
 
 AREAS = ("tmp", "new", "cur", "dead")
 _PREPARED = ("tmp", "new", "cur")  # dead/ is made when the first message dies
@@ -69,7 +71,7 @@ class FileStore:
 
     def __init__(
         self,
-        path: atomic.StrPath,
+        path: StrPath,
         *,
         durable: bool = True,
         mode: int | None = None,
@@ -77,7 +79,7 @@ class FileStore:
         poll_interval: float | None = None,
         max_attempts: int | None = None,
     ) -> None:
-        self.path = os.path.abspath(atomic.fspath(path))
+        self.path = os.path.abspath(fspath(path))
         self.durable = durable
         if mode is not None and (
             not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777
@@ -90,7 +92,7 @@ class FileStore:
             raise ValueError(f"hostname must be a non-empty str: {hostname!r}")
         self._host = escape_hostname(hostname)
         if poll_interval is not None:
-            poll_interval = atomic.seconds(poll_interval, "poll_interval")
+            poll_interval = seconds(poll_interval, "poll_interval")
             if poll_interval <= 0:
                 raise ValueError(f"poll_interval must be positive: {poll_interval!r}")
         self.poll_interval = poll_interval
@@ -367,7 +369,7 @@ class FileStore:
         claim = self._claim_now()
         if claim is not None or not wait:
             return claim
-        deadline = time.monotonic() + atomic.seconds(wait, "wait")
+        deadline = time.monotonic() + seconds(wait, "wait")
         with self._waiter() as waiter:
             while True:
                 claim = self._claim_now()
@@ -389,7 +391,7 @@ class FileStore:
             by default wait for ever.
         """
         if timeout is not None:
-            timeout = atomic.seconds(timeout, "timeout")
+            timeout = seconds(timeout, "timeout")
         return Claims(self, self._waiter(), timeout)
 
     def _waiter(self) -> _watch.Waiter:
@@ -486,7 +488,7 @@ class FileStore:
             # directory could plant a link there.  Never follow it.
             raise NotADirectoryError(errno.ENOTDIR, "store area is not a directory", dead)
 
-    def recover(self, older_than: atomic.Duration) -> builtins.list[str]:
+    def recover(self, older_than: Duration) -> builtins.list[str]:
         """Return claims older than ``older_than`` to ``new/`` (or ``dead/``).
 
         Each counts one attempt.  The consumer that held a recovered claim
@@ -500,7 +502,7 @@ class FileStore:
             ``new/`` (the claim stays in ``cur/``), after every other claim
             was recovered.
         """
-        limit = time.time_ns() // 1000 - int(atomic.seconds(older_than) * 1e6)
+        limit = time.time_ns() // 1000 - int(seconds(older_than) * 1e6)
         cur_dir = self._dirs["cur"]
         recovered = []
         clash: FileExistsError | None = None
@@ -545,7 +547,7 @@ class FileStore:
             _tree.sync_dir(self._dirs["dead"])
         return target
 
-    def clean(self, older_than: atomic.Duration = atomic.DEFAULT_STALE_AGE) -> builtins.list[str]:
+    def clean(self, older_than: Duration = atomic.DEFAULT_STALE_AGE) -> builtins.list[str]:
         """Remove stale files from ``tmp/`` and stale staging files elsewhere.
 
         Staleness is judged by mtime (atime lies on noatime mounts).  Besides
@@ -557,7 +559,7 @@ class FileStore:
             the maildir specification advises.
         :returns: the paths removed.
         """
-        limit = time.time() - atomic.seconds(older_than)
+        limit = time.time() - seconds(older_than)
         removed = _remove_stale(self._dirs["tmp"], limit, lambda name: True)
         for area in ("new", "cur", "dead"):
             directory = self._dirs[area]
@@ -569,63 +571,6 @@ class FileStore:
             for directory in sorted({os.path.dirname(p) for p in removed}):
                 _tree.sync_dir(directory)
         return removed
-
-
-class Batch:
-    """Messages staged in ``tmp/`` and published together.
-
-    Each :meth:`add` writes and fsyncs one message in ``tmp/``; closing the
-    batch moves them all into ``new/`` and fsyncs ``new/`` once.  Used as a
-    context manager, the batch is published when the block ends normally
-    and discarded (nothing delivered) when it raises.
-
-    :ivar published: the names delivered so far, in order.
-    """
-
-    def __init__(self, store: FileStore) -> None:
-        self._store = store
-        self._staged: builtins.list[tuple[str, str]] = []
-        self.published: builtins.list[str] = []
-
-    def add(self, data: Data, encoding: str = "utf-8") -> str:
-        """Stage a message; return the name it will have in ``new/``."""
-        name, temp = self._store._stage(data, encoding)
-        self._staged.append((name, temp))
-        return name
-
-    def commit(self) -> builtins.list[str]:
-        """Publish what was staged (durable on return); return the names.
-
-        If a move fails midway, the messages before it stay delivered (in
-        :attr:`published`) and the rest are discarded.
-        """
-        store = self._store
-        new_dir = store._dirs["new"]
-        try:
-            while self._staged:
-                name, temp = self._staged[0]
-                _staging.publish(temp, os.path.join(new_dir, name), store._capabilities(), False)
-                self._staged.pop(0)
-                self.published.append(name)
-        finally:
-            self.discard()
-            if store.durable and self.published:
-                _tree.sync_dir(new_dir)
-        return self.published
-
-    def discard(self) -> None:
-        """Remove what is staged and not yet published."""
-        while self._staged:
-            _staging.unlink_quietly(self._staged.pop()[1])
-
-    def __enter__(self) -> Batch:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
 
 
 def _is_fuse_leftover(name: str) -> bool:

@@ -13,7 +13,6 @@ this module is either its old version or the complete new one:
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import io
 import locale
@@ -22,9 +21,10 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any
 
 from . import _fileobj, _names, _rename, _staging, _syscalls, _tree
+from ._args import Duration, StrPath, check_perms, fspath, seconds
 from ._rename import Capabilities
 
 __all__ = [
@@ -39,43 +39,10 @@ __all__ = [
     "write_text",
 ]
 
-StrPath = Union[str, "os.PathLike[str]"]
-Duration = Union[float, int, datetime.timedelta]
-
 _REOPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 DEFAULT_STALE_AGE = 36 * 3600.0
 """Staging files older than this (36 hours, as maildir) are stale."""
-
-
-def fspath(path: object, what: str = "path") -> str:
-    """``path`` as a ``str``, or a TypeError/ValueError naming it."""
-    if isinstance(path, str):
-        result = path
-    elif isinstance(path, os.PathLike):
-        result = os.fspath(path)
-        if not isinstance(result, str):
-            raise TypeError(f"{what} must be str or os.PathLike[str], not bytes: {path!r}")
-    else:
-        raise TypeError(f"{what} must be str or os.PathLike[str], not {type(path).__name__}")
-    if not result:
-        raise ValueError(f"{what} must not be empty")
-    if "\0" in result:
-        raise ValueError(f"{what} contains a NUL character: {result!r}")
-    return result
-
-
-def seconds(value: object, what: str = "older_than") -> float:
-    """A duration in seconds from a number or a ``timedelta``."""
-    if isinstance(value, datetime.timedelta):
-        result = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        result = float(value)
-    else:
-        raise TypeError(f"{what} must be seconds or a timedelta, not {type(value).__name__}")
-    if not result >= 0:
-        raise ValueError(f"{what} must not be negative: {value!r}")
-    return result
 
 
 _NAME_MAX = 255  # bytes, on every Linux filesystem
@@ -114,17 +81,6 @@ def _target(path: object, follow_symlinks: bool) -> tuple[str, os.stat_result | 
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), dest)
     return dest, st
-
-
-def check_perms(perms: object) -> int | None:
-    """``perms`` validated: None or permission bits 0 to 0o7777."""
-    if perms is None:
-        return None
-    if not isinstance(perms, int):
-        raise TypeError(f"perms must be an int such as 0o644, not {type(perms).__name__}")
-    if isinstance(perms, bool) or not 0 <= perms <= 0o7777:
-        raise ValueError(f"perms must be permission bits 0 to 0o7777: {perms!r}")
-    return perms
 
 
 def _exists(dest: str) -> FileExistsError:

@@ -1,0 +1,51 @@
+"""Checking the arguments every public call shares: paths, durations, modes."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Union
+
+StrPath = Union[str, "os.PathLike[str]"]
+Duration = Union[float, int, datetime.timedelta]
+
+
+def fspath(path: object, what: str = "path") -> str:
+    """``path`` as a ``str``, or a TypeError/ValueError naming it."""
+    if isinstance(path, str):
+        result = path
+    elif isinstance(path, os.PathLike):
+        result = os.fspath(path)
+        if not isinstance(result, str):
+            raise TypeError(f"{what} must be str or os.PathLike[str], not bytes: {path!r}")
+    else:
+        raise TypeError(f"{what} must be str or os.PathLike[str], not {type(path).__name__}")
+    if not result:
+        raise ValueError(f"{what} must not be empty")
+    if "\0" in result:
+        raise ValueError(f"{what} contains a NUL character: {result!r}")
+    return result
+
+
+def seconds(value: object, what: str = "older_than") -> float:
+    """A duration in seconds from a number or a ``timedelta``."""
+    if isinstance(value, datetime.timedelta):
+        result = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        result = float(value)
+    else:
+        raise TypeError(f"{what} must be seconds or a timedelta, not {type(value).__name__}")
+    if not result >= 0:
+        raise ValueError(f"{what} must not be negative: {value!r}")
+    return result
+
+
+def check_perms(perms: object) -> int | None:
+    """``perms`` validated: None or permission bits 0 to 0o7777."""
+    if perms is None:
+        return None
+    if not isinstance(perms, int):
+        raise TypeError(f"perms must be an int such as 0o644, not {type(perms).__name__}")
+    if isinstance(perms, bool) or not 0 <= perms <= 0o7777:
+        raise ValueError(f"perms must be permission bits 0 to 0o7777: {perms!r}")
+    return perms
