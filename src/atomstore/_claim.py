@@ -18,20 +18,30 @@ READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 _OPEN_REGULAR_FLAGS = READ_FLAGS | os.O_NONBLOCK
 
 
-def open_regular(path: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
-    """Open ``path`` for reading as ``open()`` would, if it is a regular file.
+def _open_regular_fd(path: str) -> tuple[int, os.stat_result]:
+    """A descriptor to read ``path`` and its status, if it is a regular file.
 
     A symlink is refused (ELOOP), and so are a directory (EISDIR) and a FIFO
     or device (EINVAL), without blocking.
     """
     fd = os.open(path, _OPEN_REGULAR_FLAGS)
     try:
-        kind = os.fstat(fd).st_mode
-        if not stat.S_ISREG(kind):
-            if stat.S_ISDIR(kind):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
             raise OSError(errno.EINVAL, "not a regular file", path)
-        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    # O_NONBLOCK means nothing to a regular file's reads.
+    return fd, st
+
+
+def open_regular(path: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+    """Open ``path`` for reading as ``open()`` would, if it is a regular file."""
+    fd, _ = _open_regular_fd(path)
+    try:
         f = open(fd, mode, **kwargs)  # noqa: SIM115 - the caller closes it
     except BaseException:
         os.close(fd)
@@ -39,6 +49,24 @@ def open_regular(path: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
     raw: Any = getattr(getattr(f, "buffer", f), "raw", f)
     raw.name = path  # open() of a descriptor names the file by its number
     return f
+
+
+def read_regular(path: str) -> bytes:
+    """The content of the regular file ``path`` (see :func:`open_regular`)."""
+    fd, st = _open_regular_fd(path)
+    try:
+        # One read of one byte more than the size sees the end in one call.
+        data = os.read(fd, st.st_size + 1)
+        if len(data) <= st.st_size:
+            return data
+        chunks = [data]
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 class ClaimLostError(FileNotFoundError):
@@ -109,9 +137,10 @@ class Claim:
 
     def read_bytes(self) -> bytes:
         """The claimed file's content."""
-        with self.open("rb") as f:
-            data: bytes = f.read()
-            return data
+        try:
+            return read_regular(self.path)
+        except FileNotFoundError:
+            raise self.lost() from None
 
     def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         """The claimed file's content, decoded."""

@@ -24,11 +24,15 @@ _VERSION = "1,"
 
 _counter = itertools.count()
 _pid = os.getpid()
+# Guards against a pid reused (containers) and a clock set back; drawn once
+# per process, since the counter already separates a process's names.
+_random = _names.random_hex(8)
 
 
 def _reset_after_fork() -> None:
-    global _pid
+    global _pid, _random
     _pid = os.getpid()
+    _random = _names.random_hex(8)
 
 
 if hasattr(os, "register_at_fork"):
@@ -58,11 +62,13 @@ def escape_hostname(hostname: str) -> str:
 def unique_name(host: str) -> str:
     """A new unique name for the (escaped) ``host``."""
     seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
-    return f"{seconds}.M{micros:06d}P{_pid}Q{next(_counter)}R{_names.token()[:8]}.{host}"
+    return f"{seconds}.M{micros:06d}P{_pid}Q{next(_counter)}R{_random}.{host}"
 
 
 def split_info(name: str) -> tuple[str, dict[str, str]]:
     """Split a stored name into its unique part and its info fields."""
+    if _SEPARATOR not in name:  # a fresh message: the common case
+        return name, {}
     base, sep, info = name.rpartition(_SEPARATOR)
     if not sep or not info.startswith(_VERSION):
         return name, {}
@@ -99,6 +105,11 @@ def token() -> str:
     return _names.token()
 
 
+def scatter(waiting: int) -> int:
+    """How many of the oldest ``waiting`` names to pass over after a lost race."""
+    return _names.random_below(min(waiting, 8))
+
+
 def claim_name(base: str, count: int, claimed_us: int, token: str) -> str:
     """The name of ``base`` while claimed."""
-    return join_info(base, {"A": str(count), "C": str(claimed_us), "P": str(_pid), "T": token})
+    return f"{base}{_SEPARATOR}{_VERSION}A{count},C{claimed_us},P{_pid},T{token}"

@@ -13,14 +13,25 @@ from the user's own files after a crash left it behind:
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
 
 _rng = random.Random()
-if hasattr(os, "register_at_fork"):
+_count = itertools.count()
+_prefix = f"{_rng.getrandbits(24):06x}"
+
+
+def _reseed() -> None:
     # A forked child must not draw the parent's tokens.
-    os.register_at_fork(after_in_child=_rng.seed)
+    global _prefix
+    _rng.seed()
+    _prefix = f"{_rng.getrandbits(24):06x}"
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed)
 
 KINDS = ("tmp", "new", "old")
 # NAME_MAX is 255 bytes on every Linux filesystem; the mark takes 27.
@@ -32,8 +43,19 @@ STAGING_RE = re.compile(
 
 
 def token() -> str:
-    """12 random hex digits; collisions are caught by O_EXCL and retried."""
-    return f"{_rng.getrandbits(48):012x}"
+    """12 hex digits unique in this process: a random per-process prefix and
+    a counter.  Another process's rare collision is caught by O_EXCL."""
+    return f"{_prefix}{next(_count) & 0xFFFFFF:06x}"
+
+
+def random_below(n: int) -> int:
+    """A random int from 0 to ``n`` - 1."""
+    return _rng.randrange(n)
+
+
+def random_hex(digits: int) -> str:
+    """``digits`` random hex digits."""
+    return f"{_rng.getrandbits(4 * digits):0{digits}x}"
 
 
 def _shorten(base: str) -> str:

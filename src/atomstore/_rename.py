@@ -280,6 +280,8 @@ def rename_noreplace(src: str, dst: str, caps: Capabilities) -> None:
         return
     # Last resort: no atomic way to refuse a replacement exists here.
     if os.path.lexists(dst):
+        if not os.path.lexists(src):  # as rename(2): a missing source comes first
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), src, None, dst)
         raise _exists_error(dst)
     _syscalls.rename(src, dst)
 

@@ -304,9 +304,7 @@ class FileStore:
             file object, which is copied in chunks (memory stays flat).
         """
         name, temp = self._stage(data, encoding)
-        _staging.publish(
-            temp, os.path.join(self._dirs["new"], name), self._capabilities(), self.durable
-        )
+        _staging.publish(temp, f"{self._dirs['new']}/{name}", self._capabilities(), self.durable)
         return name
 
     def add_many(self, items: Iterable[Data], encoding: str = "utf-8") -> builtins.list[str]:
@@ -346,7 +344,7 @@ class FileStore:
         """A new file in ``tmp/`` under a unique name: (name, path, fd)."""
         while True:
             name = self.unique_name()
-            temp = os.path.join(self._dirs["tmp"], name)
+            temp = f"{self._dirs['tmp']}/{name}"
             try:
                 return name, temp, _staging.open_exclusive(temp, self.mode)
             except FileExistsError:  # pragma: no cover - the random part repeated
@@ -403,29 +401,37 @@ class FileStore:
     def _claim_now(self) -> Claim | None:
         new_dir, cur_dir = self._dirs["new"], self._dirs["cur"]
         backlog = self._backlog
+        lost = 0
         while True:
             if not backlog:
+                if lost and not os.path.isdir(cur_dir):
+                    raise self._not_prepared("cur")  # every claim fails
                 backlog = self._backlog = self._list_new()
                 if not backlog:
                     return None
             try:
-                name = backlog.pop()
-            except IndexError:  # another thread took the last one
+                if lost and len(backlog) > 1:
+                    # Another consumer works the same oldest names: pick among
+                    # the next few instead of following it one by one.
+                    name = backlog.pop(-1 - _info.scatter(len(backlog)))
+                else:
+                    name = backlog.pop()
+            except IndexError:  # another thread took the last ones
                 continue
+            if name[0] == ".":
+                continue  # hidden: not a message
             base, fields = split_info(name)
             attempts = _info.attempts(fields)
             claimed = time.time_ns() // 1000
             token = _info.token()
-            claim_path = os.path.join(cur_dir, _info.claim_name(base, attempts, claimed, token))
+            claim_path = f"{cur_dir}/{_info.claim_name(base, attempts, claimed, token)}"
             try:
                 # A plain rename: the claim name is new (random token), so it
                 # cannot replace anything; the source's disappearance decides
                 # between consumers racing for the same message.
-                _syscalls.rename(os.path.join(new_dir, name), claim_path)
+                _syscalls.rename(f"{new_dir}/{name}", claim_path)
             except FileNotFoundError:
-                for area in ("new", "cur"):
-                    if not os.path.isdir(self._dirs[area]):
-                        raise self._not_prepared(area) from None
+                lost += 1
                 continue  # another consumer was faster
             if self.durable:
                 _tree.sync_dir(cur_dir)
@@ -437,8 +443,7 @@ class FileStore:
             names = os.listdir(self._dirs["new"])
         except FileNotFoundError:
             raise self._not_prepared("new") from None
-        names = [n for n in names if not n.startswith(".")]
-        names.sort(reverse=True)
+        names.sort(reverse=True)  # hidden names are skipped as they come
         return names
 
     def claimed(self, name: str) -> Claim:
