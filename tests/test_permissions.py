@@ -1,0 +1,210 @@
+"""Permissions of what the library creates: the umask, and private stores.
+
+By default new files get 0o666 and new directories 0o777, minus the umask,
+as ``open()`` and ``mkdir()`` give them.  A store made private with
+``FileStore(path, mode=0o600)`` keeps exactly 0o600 files in 0o700
+directories, whatever the umask.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from atomstore import FileStore, atomic
+
+UMASKS = [0o000, 0o022, 0o027, 0o077]
+
+
+@pytest.fixture
+def umask() -> Iterator[Callable[[int], None]]:
+    saved = os.umask(0o022)
+    os.umask(saved)
+
+    def set_umask(value: int) -> None:
+        os.umask(value)
+
+    try:
+        yield set_umask
+    finally:
+        os.umask(saved)
+
+
+def mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def modes(top: str | Path) -> dict[str, str]:
+    """The permission bits of ``top`` and everything below, in octal."""
+    found = {".": oct(mode(top))}
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, top)] = oct(mode(path))
+    return found
+
+
+@pytest.mark.parametrize("mask", UMASKS)
+def test_atomic_files_honour_the_umask(
+    tmp_path: Path, umask: Callable[[int], None], mask: int
+) -> None:
+    umask(mask)
+    with atomic.file(tmp_path / "file") as f:
+        f.write("x")
+    atomic.write_bytes(tmp_path / "bytes", b"x")
+    atomic.write_text(tmp_path / "text", "x")
+    with atomic.file(tmp_path / "binary", "wb", durable=False) as f:
+        f.write(b"x")
+    expected = oct(0o666 & ~mask)
+    assert modes(tmp_path) == {
+        ".": oct(mode(tmp_path)),
+        "file": expected,
+        "bytes": expected,
+        "text": expected,
+        "binary": expected,
+    }
+
+
+@pytest.mark.parametrize("mask", UMASKS)
+def test_folder_directories_honour_the_umask(
+    tmp_path: Path, umask: Callable[[int], None], mask: int
+) -> None:
+    umask(mask)
+    with atomic.folder(tmp_path / "tree") as staging:
+        # the staging directory has its final bits from the start
+        assert mode(staging) == 0o777 & ~mask
+        (staging / "sub").mkdir()
+        (staging / "sub" / "file").write_text("x")
+    assert mode(tmp_path / "tree") == 0o777 & ~mask
+    # a replaced tree keeps its bits, whatever the umask
+    os.chmod(tmp_path / "tree", 0o750)
+    umask(0o077 if mask != 0o077 else 0o000)
+    with atomic.folder(tmp_path / "tree", overwrite=True) as staging:
+        assert mode(staging) == 0o750
+    assert mode(tmp_path / "tree") == 0o750
+
+
+@pytest.mark.parametrize("mask", UMASKS)
+def test_store_files_and_directories_honour_the_umask(
+    tmp_path: Path, umask: Callable[[int], None], mask: int
+) -> None:
+    umask(mask)
+    store = FileStore(tmp_path / "parent" / "store", max_attempts=1)
+    store.prepare()
+    with store.create("created") as f:
+        f.write("x")
+    added = store.add(b"x")
+    batched = store.add_many([b"y"])[0]
+    dirs, files = oct(0o777 & ~mask), oct(0o666 & ~mask)
+    assert modes(tmp_path / "parent") == {
+        ".": dirs,
+        "store": dirs,
+        "store/tmp": dirs,
+        "store/new": dirs,
+        "store/cur": dirs,
+        "store/tmp/created": files,
+        f"store/new/{added}": files,
+        f"store/new/{batched}": files,
+    }
+    # dead/ is made later, when a message dies
+    claim = store.claim()
+    assert claim is not None
+    dead = claim.release()
+    assert oct(mode(os.path.dirname(dead))) == dirs
+    assert oct(mode(dead)) == files
+
+
+@pytest.mark.parametrize("mask", UMASKS)
+def test_store_copy_honours_the_umask(
+    tmp_path: Path, umask: Callable[[int], None], mask: int
+) -> None:
+    # A copy is a new file: the source's bits, minus the umask, as cp(1)
+    # without -p gives.
+    store = FileStore(tmp_path / "store")
+    store.prepare()
+    umask(0)
+    for source_mode in (0o644, 0o666, 0o600, 0o755):
+        name = f"m{source_mode:o}"
+        Path(store.path, "cur", name).write_text("x")
+        os.chmod(os.path.join(store.path, "cur", name), source_mode)
+    umask(mask)
+    for source_mode in (0o644, 0o666, 0o600, 0o755):
+        name = f"m{source_mode:o}"
+        store.copy(name, "cur", "new")
+        assert mode(os.path.join(store.path, "new", name)) == source_mode & ~mask, name
+
+
+PRIVATE_UMASKS = [0o000, 0o022, 0o077, 0o777]
+
+
+@pytest.mark.parametrize("mask", PRIVATE_UMASKS)
+def test_private_store_whatever_the_umask(
+    tmp_path: Path, umask: Callable[[int], None], mask: int
+) -> None:
+    umask(0o022)
+    Path(tmp_path, "foreign").write_text("x")
+    os.chmod(tmp_path / "foreign", 0o644)
+    umask(mask)
+    store = FileStore(tmp_path / "store", mode=0o600, max_attempts=1)
+    store.prepare()
+    with store.create("created") as f:
+        f.write("x")
+    added = store.add(b"x")
+    batched = store.add_many([b"y", b"z"])
+    # a file that came from elsewhere with other bits, copied by the store
+    os.rename(tmp_path / "foreign", os.path.join(store.path, "cur", "foreign"))
+    store.copy("foreign", "cur", "tmp")
+    store.remove("foreign", "cur")
+    store.copy(added, "new", "cur")
+    # claims, releases and recoveries only rename: the bits stay; dead/ is
+    # made by the first death
+    released = store.claim()
+    assert released is not None
+    released.release()
+    store.claim()
+    store.recover(0)
+    found = modes(store.path)
+    directories = {n: found.pop(n) for n in (".", "tmp", "new", "cur", "dead")}
+    assert directories == dict.fromkeys(directories, oct(0o700))
+    assert sorted(n.split("/")[0] for n in found) == ["cur", "dead", "dead", "new", "tmp", "tmp"]
+    assert {n: m for n, m in found.items() if m != oct(0o600)} == {}
+    assert {"tmp/created", "tmp/foreign", f"cur/{added}"} <= set(found)
+    assert len(batched) == 2
+
+
+@pytest.mark.parametrize(
+    ("file_mode", "dir_mode"), [(0o600, 0o700), (0o640, 0o750), (0o644, 0o755)]
+)
+def test_store_mode_gives_directories_search_where_readable(
+    tmp_path: Path, umask: Callable[[int], None], file_mode: int, dir_mode: int
+) -> None:
+    umask(0o077)
+    store = FileStore(tmp_path / "store", mode=file_mode)
+    store.prepare()
+    name = store.add(b"x")
+    assert modes(store.path) == {
+        ".": oct(dir_mode),
+        "tmp": oct(dir_mode),
+        "new": oct(dir_mode),
+        "cur": oct(dir_mode),
+        f"new/{name}": oct(file_mode),
+    }
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o002])
+def test_private_store_creates_no_open_parent(
+    tmp_path: Path, umask: Callable[[int], None], mask: int
+) -> None:
+    # A parent made world-writable would let anyone move the private store
+    # away and put another in its place.
+    umask(mask)
+    store = FileStore(tmp_path / "a" / "b" / "store", mode=0o600)
+    store.prepare()
+    for parent in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert mode(parent) & 0o022 == 0, oct(mode(parent))
+    assert mode(store.path) == 0o700
