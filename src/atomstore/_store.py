@@ -351,6 +351,9 @@ class FileStore:
                 continue
             except FileNotFoundError:
                 raise self._not_prepared("tmp") from None
+            except OSError as e:
+                # The fresh name means nothing to the caller: name the area.
+                raise OSError(e.errno, e.strerror, self._dirs["tmp"]) from None
 
     def claim(self, wait: float | None = None) -> Claim | None:
         """Claim the oldest message of ``new/`` by moving it into ``cur/``.
