@@ -12,7 +12,7 @@ peers' fsyncs.  Then, from the repository's root::
     python benchmarks/run.py profile          # where atomstore's time goes
 
 Benchmarks: ``write-tmpfs`` (1), ``write-durable`` (2), ``folder`` (3),
-``store`` (4), ``backlog`` (5), ``concurrent`` (6), ``syscalls`` (system
+``store`` (4), ``backlog`` (5), ``concurrent`` (6), ``batch`` (7), ``syscalls`` (system
 calls per operation, atomstore against the hand-written sequences) and
 ``profile`` (cProfile of the hot paths and the cost of each extra step; not
 part of ``all``).  ``--json`` and ``--rst`` save the tables.
@@ -40,6 +40,7 @@ if HERE not in sys.path:  # imported as a module, not run as a script
     sys.path.insert(0, HERE)
 
 import bench_backlog  # noqa: E402
+import bench_batch  # noqa: E402
 import bench_concurrent  # noqa: E402
 import bench_folder  # noqa: E402
 import bench_store  # noqa: E402
@@ -56,6 +57,7 @@ BENCHMARKS: dict[str, Callable[[Settings], list[Table]]] = {
     "store": bench_store.run,
     "backlog": bench_backlog.run,
     "concurrent": bench_concurrent.run,
+    "batch": bench_batch.run,
     "syscalls": profile_hot.run_syscalls,
     "profile": profile_hot.run_profile,
 }
@@ -81,6 +83,7 @@ def registry() -> dict[str, Factory]:
         found += bench_folder.contenders(durable)
         found += bench_store.contenders(durable)
     found += bench_backlog.claim_contenders()
+    found += bench_batch.contenders()
     return dict(found)
 
 
