@@ -135,7 +135,7 @@ def tell(recorder: Recorder | None, error: BaseException | None) -> None:
 
 def run(machine: type[RuleBasedStateMachine]) -> None:
     STATS.clear()
-    run_state_machine_as_test(machine, settings=MACHINE_SETTINGS)  # type: ignore[no-untyped-call]
+    run_state_machine_as_test(machine, settings=MACHINE_SETTINGS)  # type: ignore[no-untyped-call, unused-ignore]
     print(dict(STATS))
 
 
