@@ -1,7 +1,8 @@
 """The ``atomstore`` command: atomic writes and a file queue for shell scripts.
 
 Exit statuses: 0 success, 1 error (a message on stderr), 2 bad usage,
-3 nothing to take (``take`` found no message in time), 130 interrupted.
+3 nothing to take (``take`` found no message in time), 130 interrupted,
+143 and 129 terminated by SIGTERM or SIGHUP.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$")
 
 _EPILOG = f"""\
 exit status: {EXIT_OK} success, {EXIT_ERROR} error, {EXIT_USAGE} bad usage, \
-{EXIT_EMPTY} nothing to take, {EXIT_INTERRUPTED} interrupted
+{EXIT_EMPTY} nothing to take, {EXIT_INTERRUPTED} interrupted, 143 and 129 terminated \
+(SIGTERM, SIGHUP)
 """
 
 
@@ -92,14 +94,18 @@ def _print(line: str) -> None:
 
 
 def cmd_write(args: argparse.Namespace) -> int:
-    with atomic.file(
-        args.path,
-        "wb",
-        overwrite=args.overwrite,
-        durable=not args.no_sync,
-        perms=args.mode,
-    ) as f:
-        shutil.copyfileobj(_stdin(), f, _CHUNK)
+    try:
+        with atomic.file(
+            args.path,
+            "wb",
+            overwrite=args.overwrite,
+            durable=not args.no_sync,
+            perms=args.mode,
+        ) as f:
+            shutil.copyfileobj(_stdin(), f, _CHUNK)
+    except FileExistsError as e:
+        hint = "File exists (--overwrite replaces it)"
+        raise FileExistsError(e.errno, hint, e.filename) from None
     return EXIT_OK
 
 
