@@ -14,11 +14,8 @@ import pytest
 
 from atomstore import atomic
 from atomstore._rename import Capabilities
+from fstree import listing
 from tracing import Recorder
-
-
-def listing(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory))
 
 
 @pytest.fixture

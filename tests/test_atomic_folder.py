@@ -12,27 +12,8 @@ import pytest
 
 from atomstore import atomic
 from atomstore._rename import Capabilities
+from fstree import listing, tree
 from tracing import Recorder
-
-
-def listing(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory))
-
-
-def tree(top: Path) -> dict[str, str]:
-    """Every file below ``top`` with its content, symlinks as '-> target'."""
-    found = {}
-    for root, dirs, files in os.walk(top):
-        for name in dirs + files:
-            path = Path(root, name)
-            rel = str(path.relative_to(top))
-            if path.is_symlink():
-                found[rel] = "-> " + os.readlink(path)
-            elif path.is_file():
-                found[rel] = path.read_text()
-            else:
-                found[rel + "/"] = ""
-    return found
 
 
 def fill(staging: Path, version: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from atomstore import Batch, ClaimLostError, FileStore
+from fstree import store_entries
 from tracing import Recorder
 
 
@@ -21,15 +22,6 @@ def store(tmp_path: Path) -> FileStore:
     s.add(b"probe")
     s.claim().finish()  # type: ignore[union-attr]
     return s
-
-
-def entries(store: FileStore) -> list[str]:
-    found = []
-    for area in ("tmp", "new", "cur", "dead"):
-        directory = os.path.join(store.path, area)
-        if os.path.isdir(directory):
-            found += [f"{area}/{n}" for n in sorted(os.listdir(directory))]
-    return found
 
 
 # -- batches --------------------------------------------------------------
@@ -44,7 +36,7 @@ def test_add_many_delivers_in_order_with_one_directory_fsync(
     synced = trace.fsynced_paths()
     tmp, new = (os.path.join(store.path, a) for a in ("tmp", "new"))
     assert synced == [os.path.join(tmp, n) for n in names] + [new]
-    assert entries(store) == [f"new/{n}" for n in names]
+    assert store_entries(store) == [f"new/{n}" for n in names]
 
 
 def test_add_many_of_nothing(store: FileStore, trace: Recorder) -> None:
@@ -71,7 +63,7 @@ def test_batch_that_raises_delivers_nothing(store: FileStore) -> None:
             batch.add(b"b")
             raise RuntimeError("producer failed")
     assert batch.published == []
-    assert entries(store) == []
+    assert store_entries(store) == []
 
 
 def test_add_many_failing_midway_delivers_nothing(store: FileStore, trace: Recorder) -> None:
@@ -86,7 +78,7 @@ def test_add_many_failing_midway_delivers_nothing(store: FileStore, trace: Recor
     with pytest.raises(OSError) as info:
         store.add_many([b"a", b"b", b"c"])
     assert info.value.errno == errno.ENOSPC
-    assert entries(store) == []
+    assert store_entries(store) == []
 
 
 def test_batch_publish_failure_keeps_what_was_delivered(store: FileStore, trace: Recorder) -> None:
@@ -97,7 +89,7 @@ def test_batch_publish_failure_keeps_what_was_delivered(store: FileStore, trace:
         batch.commit()
     assert info.value.errno == errno.EIO
     assert batch.published == names[:1]
-    assert entries(store) == [f"new/{names[0]}"]
+    assert store_entries(store) == [f"new/{names[0]}"]
     assert trace.fsynced_paths()[-1] == os.path.join(store.path, "new")
 
 
@@ -112,7 +104,7 @@ def test_batch_not_durable(tmp_path: Path, trace: Recorder) -> None:
 def test_batch_checks_types(store: FileStore) -> None:
     with pytest.raises(TypeError, match="bytes-like"):
         store.add_many([b"ok", 3])  # type: ignore[list-item]
-    assert entries(store) == []
+    assert store_entries(store) == []
 
 
 def test_batch_across_processes(store: FileStore) -> None:
@@ -208,7 +200,7 @@ def test_requeue_resets_attempts(tmp_path: Path) -> None:
     assert claim.attempts == 0
     assert claim.name == name
     claim.finish()
-    assert entries(store) == []
+    assert store_entries(store) == []
 
 
 def test_requeue_errors(tmp_path: Path) -> None:

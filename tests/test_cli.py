@@ -21,6 +21,7 @@ import pytest
 import atomstore
 from atomstore import FileStore, _cli, _names, atomic
 from atomstore._info import join_info, split_info
+from fstree import listing
 from needs import need
 from tracing import Recorder
 
@@ -95,10 +96,6 @@ def assert_usage_error(result: Result, *named: str) -> None:
     assert ": error: " in last, result.err
     for text in named:
         assert text in last, (text, result.err)
-
-
-def listing(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory))
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:

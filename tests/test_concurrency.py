@@ -30,6 +30,7 @@ import pytest
 from atomstore import ClaimLostError, FileStore, atomic
 from atomstore._info import split_info
 from forked import Children, exit_code
+from fstree import store_entries
 
 PRODUCERS = 4
 CONSUMERS = 4
@@ -207,16 +208,6 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def everything(store: FileStore) -> list[str]:
-    """Every entry of every area, hidden ones included."""
-    found = []
-    for area in ("tmp", "new", "cur", "dead"):
-        directory = os.path.join(store.path, area)
-        if os.path.isdir(directory):
-            found += [f"{area}/{n}" for n in sorted(os.listdir(directory))]
-    return found
-
-
 def expect_exit_0(kids: Children, pid: int, timeout: float) -> None:
     assert exit_code(kids.wait(pid, timeout)) == 0, f"worker {pid} failed"
 
@@ -263,7 +254,7 @@ def test_many_producers_and_consumers_lose_and_duplicate_nothing(spool: Path) ->
     assert all(log.held is None and not log.lost for log in logs)
     # every consumer took part: the claims were really contended
     assert min(len(log.deliveries) for log in logs) > 0
-    assert everything(store) == []
+    assert store_entries(store) == []
     print(f"{len(deliveries)} messages in {elapsed:.1f} s, per consumer:", end=" ")
     print([len(log.deliveries) for log in logs])
 
@@ -391,7 +382,7 @@ def test_killed_consumers_lose_nothing_and_duplicate_only_what_they_held(spool: 
     finished = collections.Counter(n for log in logs.values() for n in log.finished)
     assert finished == collections.Counter(set(sent) - finished_silently)
     assert not any(log.lost for log in logs.values())
-    assert everything(store) == []
+    assert store_entries(store) == []
     assert store.recover(0) == []
     print(
         f"{len(sent)} messages, {len(deliveries)} deliveries in {elapsed:.1f} s; "
@@ -454,7 +445,7 @@ def test_recovery_racing_live_consumers_fences_the_losers(spool: Path) -> None:
         # finishes, whatever it tries
         assert max(attempts[name]) == times[name]
         assert lost[name] <= times[name]
-    assert everything(store) == []
+    assert store_entries(store) == []
     print(f"{len(recovered)} claims recovered from live consumers, {sum(lost.values())} lost")
 
 
@@ -507,10 +498,10 @@ def test_a_recovered_consumer_cannot_touch_the_new_claim(tmp_path: Path) -> None
         expect_exit_0(kids, a, timeout=10)
         # the new claim is untouched, and only its holder finishes it
         assert Path(b_path).read_bytes() == b"payload"
-        assert everything(store) == [f"cur/{os.path.basename(b_path)}"]
+        assert store_entries(store) == [f"cur/{os.path.basename(b_path)}"]
         os.write(to_b[1], b"g")
         expect_exit_0(kids, b, timeout=10)
-    assert everything(store) == []
+    assert store_entries(store) == []
     for pipe in (to_a, from_a, to_b, from_b):
         os.close(pipe[0])
         os.close(pipe[1])

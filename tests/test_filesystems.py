@@ -27,6 +27,7 @@ import mounts
 from atomstore import Claim, ClaimLostError, FileStore, atomic
 from atomstore._rename import Capabilities
 from atomstore._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from fstree import listing, tree
 from kill_harness import kill_trials
 from needs import need, need_device, need_root, need_tool
 from tracing import Recorder
@@ -186,21 +187,6 @@ def place(fs: Mount, request: pytest.FixtureRequest, fresh_probe: None) -> Itera
 
 
 # -- helpers --------------------------------------------------------------
-
-
-def listing(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory))
-
-
-def tree(top: Path) -> dict[str, str]:
-    """Every file below ``top`` with its content, directories as 'name/'."""
-    found = {}
-    for root, dirs, files in os.walk(top):
-        for name in dirs + files:
-            path = Path(root, name)
-            rel = str(path.relative_to(top))
-            found[rel + "/" if path.is_dir() else rel] = "" if path.is_dir() else path.read_text()
-    return found
 
 
 def seed_tree(prefix: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from atomstore import FileStore, _info, _names, _renameat2, _store, atomic
+from fstree import store_entries, tree
 from tracing import Recorder
 
 
@@ -62,16 +63,6 @@ def store(tmp_path: Path) -> FileStore:
     return s
 
 
-def everything(store: FileStore) -> list[str]:
-    """Every entry of every area, hidden ones included."""
-    found = []
-    for area in ("tmp", "new", "cur", "dead"):
-        directory = os.path.join(store.path, area)
-        if os.path.isdir(directory):
-            found += [f"{area}/{n}" for n in sorted(os.listdir(directory))]
-    return found
-
-
 def plant(link: str | Path, target: Path) -> None:
     os.symlink(target, link)
 
@@ -98,7 +89,7 @@ def test_copy_onto_a_planted_symlink(store: FileStore, victim: Victim, kind: str
     assert Path(area(store, "new", "msg")).read_text() == "mine"
     assert victim.untouched()
     assert not victim.missing.exists()
-    assert everything(store) == ["new/msg", "cur/msg"]
+    assert store_entries(store) == ["new/msg", "cur/msg"]
 
 
 def test_copy_destination_planted_while_copying(
@@ -116,7 +107,7 @@ def test_copy_destination_planted_while_copying(
         store.copy("msg", "cur", "new")
     assert os.readlink(area(store, "new", "msg")) == str(victim.file)
     assert victim.untouched()
-    assert everything(store) == ["new/msg", "cur/msg"]
+    assert store_entries(store) == ["new/msg", "cur/msg"]
 
 
 def test_move_onto_a_planted_symlink(store: FileStore, victim: Victim) -> None:
@@ -128,7 +119,7 @@ def test_move_onto_a_planted_symlink(store: FileStore, victim: Victim) -> None:
     assert Path(area(store, "new", "msg")).read_text() == "mine"
     assert not os.path.islink(area(store, "new", "msg"))
     assert victim.untouched()
-    assert everything(store) == ["new/msg"]
+    assert store_entries(store) == ["new/msg"]
 
 
 def names_from(monkeypatch: pytest.MonkeyPatch, store: FileStore, *names: str) -> None:
@@ -162,7 +153,7 @@ def test_add_refuses_a_name_planted_in_new(
     assert os.readlink(area(store, "new", "taken")) == str(target)
     assert victim.untouched()
     assert not victim.missing.exists()
-    assert everything(store) == ["new/taken"]
+    assert store_entries(store) == ["new/taken"]
 
 
 class FrozenClock:
@@ -199,7 +190,7 @@ def test_claim_onto_a_planted_symlink(
     assert claim.read_bytes() == b"payload"
     claim.finish()
     assert victim.untouched()
-    assert everything(store) == []
+    assert store_entries(store) == []
 
 
 def test_release_onto_a_planted_symlink(store: FileStore, victim: Victim) -> None:
@@ -271,7 +262,7 @@ def test_clean_removes_planted_links_without_following(store: FileStore, victim:
     for link in links:
         os.utime(link, (then, then), follow_symlinks=False)
     assert sorted(store.clean(60)) == sorted(links)
-    assert everything(store) == []
+    assert store_entries(store) == []
     assert victim.untouched()
 
 
@@ -317,7 +308,7 @@ def test_copy_of_a_planted_fifo_does_not_hang(store: FileStore) -> None:
             store.copy("fifo", "cur", "new")
     assert info.value.errno == errno.EINVAL
     assert info.value.filename == area(store, "cur", "fifo")
-    assert everything(store) == ["cur/fifo"]
+    assert store_entries(store) == ["cur/fifo"]
 
 
 # -- atomic.file ------------------------------------------------------------
@@ -381,22 +372,6 @@ def fill(staging: Path, version: str) -> None:
     (staging / "a.txt").write_text(f"a {version}")
     (staging / "sub").mkdir()
     (staging / "sub" / "b.txt").write_text(f"b {version}")
-
-
-def tree(top: Path) -> dict[str, str]:
-    """Every entry below ``top``: files with content, links as '-> target'."""
-    found = {}
-    for root, dirs, files in os.walk(top):
-        for name in dirs + files:
-            path = Path(root, name)
-            rel = str(path.relative_to(top))
-            if path.is_symlink():
-                found[rel] = "-> " + os.readlink(path)
-            elif path.is_file():
-                found[rel] = path.read_text()
-            else:
-                found[rel + "/"] = ""
-    return found
 
 
 @pytest.fixture

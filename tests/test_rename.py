@@ -14,13 +14,9 @@ import pytest
 
 from atomstore import _rename, _renameat2, atomic
 from atomstore._rename import Capabilities
+from fstree import listing
 from needs import need_root
 from tracing import Recorder
-
-
-def listing(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory))
-
 
 # -- rename ---------------------------------------------------------------
 

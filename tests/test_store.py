@@ -16,6 +16,7 @@ import pytest
 from atomstore import Claim, ClaimLostError, FileStore
 from atomstore._info import escape_hostname, join_info, split_info
 from atomstore._rename import Capabilities
+from fstree import store_entries
 from tracing import Recorder
 
 
@@ -28,14 +29,6 @@ def store(tmp_path: Path) -> FileStore:
 
 def names(store: FileStore, area: str) -> list[str]:
     return [os.path.basename(p) for p in store.list(area)]
-
-
-def everything(store: FileStore) -> list[str]:
-    """Every entry of every area, hidden ones included."""
-    found = []
-    for area in ("tmp", "new", "cur"):
-        found += [f"{area}/{n}" for n in sorted(os.listdir(os.path.join(store.path, area)))]
-    return found
 
 
 # -- the classic walk-through ---------------------------------------------
@@ -181,7 +174,7 @@ def test_bad_names(store: FileStore, name: str, message: str) -> None:
     ):
         with pytest.raises(ValueError, match=message):
             call()
-    assert everything(store) == []
+    assert store_entries(store) == []
 
 
 @pytest.mark.parametrize("name", [b"bytes", 3, None])
@@ -200,7 +193,7 @@ def test_listed_path_is_accepted_as_name(store: FileStore) -> None:
     with pytest.raises(ValueError, match="not a file of this store's 'new' area"):
         store.remove(store.list("cur")[0], "new")
     store.remove(store.list("cur")[0], "cur")
-    assert everything(store) == []
+    assert store_entries(store) == []
 
 
 def test_longest_name_is_fine(store: FileStore) -> None:
@@ -277,7 +270,7 @@ def test_move_never_clobbers(store: FileStore) -> None:
     assert Path(store.path, "tmp", "a").read_text() == "mine"
     assert Path(store.path, "new", "a").read_text() == "theirs"
     store.move("a", "tmp", "new", overwrite=True)
-    assert everything(store) == ["new/a"]
+    assert store_entries(store) == ["new/a"]
     assert Path(store.path, "new", "a").read_text() == "mine"
 
 
@@ -332,7 +325,7 @@ def test_copy_keeps_content_and_mode(store: FileStore) -> None:
     copied = Path(store.path, "new", "a")
     assert copied.read_text() == "content"
     assert stat.S_IMODE(copied.stat().st_mode) == 0o604
-    assert everything(store) == ["new/a", "cur/a"]
+    assert store_entries(store) == ["new/a", "cur/a"]
 
 
 def test_copy_never_clobbers_and_never_shows_half(store: FileStore, trace: Recorder) -> None:
@@ -346,7 +339,7 @@ def test_copy_never_clobbers_and_never_shows_half(store: FileStore, trace: Recor
     temps = {c.args[0] for c in trace.named("open") if ".atomstore-" in c.args[0]}
     (temp,) = temps
     assert os.path.basename(temp).startswith(".a.atomstore-")
-    assert everything(store) == ["tmp/a", "cur/a"]
+    assert store_entries(store) == ["tmp/a", "cur/a"]
 
 
 def test_copy_appearing_name_is_not_clobbered(store: FileStore, trace: Recorder) -> None:
@@ -363,7 +356,7 @@ def test_copy_appearing_name_is_not_clobbered(store: FileStore, trace: Recorder)
     with pytest.raises(FileExistsError):
         store.copy("a", "cur", "new")
     assert Path(store.path, "new", "a").read_text() == "theirs"
-    assert everything(store) == ["new/a", "cur/a"]
+    assert store_entries(store) == ["new/a", "cur/a"]
 
 
 def test_copy_refuses_a_symlink(store: FileStore, tmp_path: Path) -> None:
@@ -378,7 +371,7 @@ def test_copy_refuses_a_symlink(store: FileStore, tmp_path: Path) -> None:
 def test_copy_of_a_missing_file(store: FileStore) -> None:
     with pytest.raises(FileNotFoundError):
         store.copy("a", "cur", "new")
-    assert everything(store) == []
+    assert store_entries(store) == []
 
 
 def test_copy_write_failure_leaves_nothing(store: FileStore, trace: Recorder) -> None:
@@ -387,13 +380,13 @@ def test_copy_write_failure_leaves_nothing(store: FileStore, trace: Recorder) ->
     with pytest.raises(OSError) as info:
         store.copy("a", "cur", "new")
     assert info.value.errno == errno.ENOSPC
-    assert everything(store) == ["cur/a"]
+    assert store_entries(store) == ["cur/a"]
 
 
 def test_remove(store: FileStore, trace: Recorder) -> None:
     put(store, "new", "a", "x")
     store.remove("a", "new")
-    assert everything(store) == []
+    assert store_entries(store) == []
     assert trace.fsynced_paths() == [os.path.join(store.path, "new")]
     with pytest.raises(FileNotFoundError) as info:
         store.remove("a", "new")
@@ -472,7 +465,7 @@ def test_add_delivers_into_new(store: FileStore, trace: Recorder) -> None:
     name = store.add(b"hello")
     assert names(store, "new") == [name]
     assert Path(store.path, "new", name).read_bytes() == b"hello"
-    assert everything(store) == [f"new/{name}"]
+    assert store_entries(store) == [f"new/{name}"]
     tmp, new = (os.path.join(store.path, a) for a in ("tmp", "new"))
     assert trace.fsynced_paths() == [os.path.join(tmp, name), new]
 
@@ -494,7 +487,7 @@ def test_add_failure_leaves_nothing(store: FileStore, trace: Recorder, fault: st
     with pytest.raises(OSError) as info:
         store.add(b"x" * 1000)
     assert info.value.errno == errno.EIO
-    assert everything(store) == []
+    assert store_entries(store) == []
 
 
 def test_claim_takes_the_oldest(store: FileStore) -> None:
@@ -543,7 +536,7 @@ def test_finish_and_release(store: FileStore) -> None:
     assert again.name == name
     assert again.attempts == 1
     again.finish()
-    assert everything(store) == []
+    assert store_entries(store) == []
     with pytest.raises(ClaimLostError):
         again.finish()
 
@@ -552,7 +545,7 @@ def test_claim_context_manager(store: FileStore) -> None:
     store.add(b"ok")
     with store.claim() as claim:  # type: ignore[union-attr]
         assert claim.read_bytes() == b"ok"
-    assert everything(store) == []
+    assert store_entries(store) == []
     store.add(b"fails")
     with pytest.raises(RuntimeError):
         with store.claim():  # type: ignore[union-attr]
@@ -635,7 +628,7 @@ def test_claim_threads(store: FileStore) -> None:
     for t in threads:
         t.join()
     assert sorted(got) == sorted(sent)
-    assert everything(store) == []
+    assert store_entries(store) == []
 
 
 # -- recover and fencing --------------------------------------------------
@@ -667,7 +660,7 @@ def test_fencing_after_recovery(store: FileStore) -> None:
         slow.release()
     assert Path(fast.path).read_bytes() == b"x"
     fast.finish()
-    assert everything(store) == []
+    assert store_entries(store) == []
 
 
 def test_recover_leaves_classic_files(store: FileStore) -> None:
@@ -701,7 +694,7 @@ def test_clean_removes_stale_tmp_files(store: FileStore) -> None:
     assert sorted(removed) == sorted(
         os.path.join(store.path, p) for p in ("tmp/old", "new/.m.atomstore-0123456789ab.tmp")
     )
-    assert everything(store) == ["tmp/young", "new/message"]
+    assert store_entries(store) == ["tmp/young", "new/message"]
     assert store.clean(0) == [os.path.join(store.path, "tmp", "young")]
 
 
@@ -713,7 +706,7 @@ def test_clean_removes_stale_fuse_leftovers(store: FileStore) -> None:
     for name in (".fuse_hidden0000001a00000002", ".other"):
         os.utime(os.path.join(store.path, "cur", name), (then, then))
     assert store.clean() == [os.path.join(store.path, "cur", ".fuse_hidden0000001a00000002")]
-    assert everything(store) == ["cur/.fuse_hidden0000001b00000003", "cur/.other"]
+    assert store_entries(store) == ["cur/.fuse_hidden0000001b00000003", "cur/.other"]
 
 
 def test_private_store_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
