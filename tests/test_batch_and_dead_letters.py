@@ -171,8 +171,11 @@ def test_recover_counts_an_attempt_and_sends_to_dead(tmp_path: Path) -> None:
     assert held is not None
     (path,) = store.recover(0)
     assert path == os.path.join(store.path, "dead", f"{name}:1,A1")
-    with pytest.raises(ClaimLostError):
+    with pytest.raises(ClaimLostError) as info:
         held.finish()
+    assert info.value.errno == errno.ENOENT
+    assert info.value.filename == held.path
+    assert Path(path).read_bytes() == b"x"
 
 
 def test_dead_directory_is_durable_and_private(tmp_path: Path, trace: Recorder) -> None:
@@ -270,8 +273,10 @@ def test_claimed_rebuilds_a_claim(store: FileStore) -> None:
     )
     assert abs(again.claimed_at - claim.claimed_at) < 1e-3
     again.finish()
-    with pytest.raises(ClaimLostError):
+    with pytest.raises(ClaimLostError) as info:
         claim.finish()
+    assert info.value.filename == claim.path
+    assert store_entries(store) == []
     with pytest.raises(ValueError, match="not the name of a claim"):
         store.claimed("plain-name")
 

@@ -383,8 +383,10 @@ def test_probe_that_cannot_write_assumes_and_retries(
 
 
 def test_capabilities_of_a_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError) as info:
         atomic.capabilities(tmp_path / "nope" / "x")
+    assert info.value.filename == str(tmp_path / "nope")
+    assert listing(tmp_path) == []
 
 
 # -- clean ----------------------------------------------------------------
@@ -449,8 +451,9 @@ def test_clean_arguments(tmp_path: Path) -> None:
         atomic.clean(tmp_path, older_than=-1)
     with pytest.raises(TypeError, match="older_than"):
         atomic.clean(tmp_path, older_than="1h")  # type: ignore[arg-type]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError) as info:
         atomic.clean(tmp_path / "missing")
+    assert info.value.filename == str(tmp_path / "missing")
 
 
 def test_crash_leftovers_are_cleaned(tmp_path: Path) -> None:

@@ -738,7 +738,10 @@ def test_store_on_filesystem_without_noreplace(
     claim.release()
     put(store, "tmp", "a", "x")
     put(store, "new", "a", "y")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError) as info:
         store.move("a", "tmp", "new")
+    assert info.value.filename == os.path.join(store.path, "new", "a")
+    assert Path(store.path, "tmp", "a").read_text() == "x"
+    assert Path(store.path, "new", "a").read_text() == "y"
     assert trace.count("renameat2") == 0
     assert trace.count("link") >= 2

@@ -39,11 +39,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def pid() -> int:
-    """This process's id, kept up to date across fork."""
-    return _pid
-
-
 def escape_hostname(hostname: str) -> str:
     """``hostname`` made safe for a maildir name.
 

@@ -33,7 +33,6 @@ def _reseed() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reseed)
 
-KINDS = ("tmp", "new", "old")
 # NAME_MAX is 255 bytes on every Linux filesystem; the mark takes 27.
 _BASE_MAX_BYTES = 200
 
@@ -75,7 +74,7 @@ def shortened(base: str) -> bool:
 
 
 def staging_name(base: str, kind: str) -> str:
-    """A fresh hidden name for staging ``base`` (``kind`` is in KINDS)."""
+    """A fresh hidden name for staging ``base`` (``kind``: tmp, new or old)."""
     return f".{_shorten(base)}.atomstore-{token()}.{kind}"
 
 

@@ -25,7 +25,7 @@ import select
 import threading
 from dataclasses import dataclass
 
-from . import _names, _syscalls
+from . import _names, _renameat2, _syscalls
 from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
 from ._tree import remove_tree
 
@@ -60,10 +60,10 @@ class Capabilities:
     ignores_flags: bool = False
 
 
-# Used where no probe could run (no write permission): try the native call and
-# fall back on its error.
+# Used where no probe could run (no write permission), and not cached: try
+# the native call and fall back on its error.
 _ASSUMED = Capabilities(noreplace=True, exchange=True, hardlinks=True)
-_NOTHING = Capabilities(noreplace=False, exchange=False, hardlinks=False)
+_ASSUMED_WITHOUT_RENAMEAT2 = Capabilities(noreplace=False, exchange=False, hardlinks=True)
 
 _cache: dict[int, Capabilities] = {}
 _lock = threading.Lock()
@@ -82,14 +82,18 @@ class _MountWatch:
     def __init__(self) -> None:
         self._poller: select.poll | None = None
         self._fd = -1
+        self._unwatchable = False
 
     def changed(self) -> bool:
         poller = self._poller
         if poller is not None:
             return bool(poller.poll(0))
+        if self._unwatchable:  # pragma: no cover - no /proc
+            return False
         try:
             self._fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # pragma: no cover - no /proc: nothing to watch
+            self._unwatchable = True
             return False
         self._poller = select.poll()
         self._poller.register(self._fd, select.POLLPRI)
@@ -132,9 +136,10 @@ def capabilities(directory: str, device: int | None = None) -> Capabilities:
         with _lock:
             caps = _cache.get(device)
             if caps is None:
-                caps = _probe(directory)
-                if caps is not _ASSUMED:
-                    _cache[device] = caps
+                probed = _probe(directory)
+                if probed is None:
+                    return _ASSUMED if _renameat2.AVAILABLE else _ASSUMED_WITHOUT_RENAMEAT2
+                caps = _cache[device] = probed
     return caps
 
 
@@ -154,18 +159,20 @@ def _read(path: str) -> bytes | None:
         return None
 
 
-def _probe(directory: str) -> Capabilities:
-    if not _renameat2_available():
-        return _probe_links(directory, Capabilities(False, False, False))
+def _probe(directory: str) -> Capabilities | None:
+    """Probe in a scratch directory; None where none can be made or used."""
     scratch = os.path.join(directory, _names.staging_name("probe", "tmp"))
     try:
         _syscalls.mkdir(scratch, 0o700)
     except OSError:
-        return _ASSUMED  # cannot write here: the operation will say why
+        return None  # cannot write here: the operation will say why
     try:
+        if not _renameat2.AVAILABLE:
+            _write_small(os.path.join(scratch, "a"), b"a")
+            return Capabilities(False, False, _takes_links(scratch))
         return _probe_in(scratch)
     except OSError:
-        return _ASSUMED
+        return None
     finally:
         _remove_scratch(scratch)
 
@@ -177,12 +184,6 @@ def _remove_scratch(scratch: str) -> None:
         remove_tree(scratch)
     except OSError:
         pass
-
-
-def _renameat2_available() -> bool:
-    from . import _renameat2
-
-    return _renameat2.AVAILABLE
 
 
 def _probe_in(scratch: str) -> Capabilities:
@@ -216,14 +217,18 @@ def _probe_in(scratch: str) -> Capabilities:
                 ignores, noreplace = True, False
     if not os.path.lexists(a):
         _write_small(a, b"a")
-    hardlinks = True
+    return Capabilities(noreplace, exchange, _takes_links(scratch), ignores)
+
+
+def _takes_links(scratch: str) -> bool:
+    """Whether ``scratch/a`` can get a second name."""
     try:
-        _syscalls.link(a, os.path.join(scratch, "c"))
+        _syscalls.link(os.path.join(scratch, "a"), os.path.join(scratch, "c"))
     except OSError as e:
         if e.errno not in _LINK_REFUSED:
             raise
-        hardlinks = False
-    return Capabilities(noreplace, exchange, hardlinks, ignores)
+        return False
+    return True
 
 
 def _takes_noreplace(src: str, free: str) -> bool:
@@ -235,26 +240,6 @@ def _takes_noreplace(src: str, free: str) -> bool:
         raise
     _syscalls.rename(free, src)
     return True
-
-
-def _probe_links(directory: str, caps: Capabilities) -> Capabilities:
-    # Without renameat2 only link() is worth knowing; probing it needs a
-    # scratch directory just the same.
-    scratch = os.path.join(directory, _names.staging_name("probe", "tmp"))
-    try:
-        _syscalls.mkdir(scratch, 0o700)
-    except OSError:
-        return Capabilities(False, False, True)
-    try:
-        _write_small(os.path.join(scratch, "a"), b"a")
-        _syscalls.link(os.path.join(scratch, "a"), os.path.join(scratch, "c"))
-    except OSError as e:
-        if e.errno not in _LINK_REFUSED:
-            return Capabilities(False, False, True)
-        return _NOTHING
-    finally:
-        _remove_scratch(scratch)
-    return Capabilities(False, False, True)
 
 
 def _exists_error(dst: str) -> FileExistsError:
