@@ -181,12 +181,30 @@ def test_symlink_is_followed(tmp_path: Path) -> None:
     assert listing(tmp_path) == ["link", "real"]
 
 
-def test_dangling_symlink_creates_its_target(tmp_path: Path) -> None:
+def test_dangling_symlink_is_an_existing_name_without_overwrite(tmp_path: Path) -> None:
+    # As O_CREAT|O_EXCL: a symlink at the name is a name, dangling or not.
     link = tmp_path / "link"
     link.symlink_to("missing")
-    atomic.write_bytes(link, b"made")
+    with pytest.raises(FileExistsError) as info:
+        atomic.write_bytes(link, b"made")
+    assert info.value.filename == str(link)
+    with pytest.raises(FileExistsError) as again, atomic.file(link, "wb") as f:
+        f.write(b"made")
+    assert again.value.filename == str(link)
+    assert listing(tmp_path) == ["link"]
+
+
+def test_dangling_symlink_creates_its_target_with_overwrite(tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to("missing")
+    atomic.write_bytes(link, b"made", overwrite=True)
     assert (tmp_path / "missing").read_bytes() == b"made"
     assert link.is_symlink()
+    (tmp_path / "missing").unlink()
+    with atomic.file(link, "wb", overwrite=True) as f:
+        f.write(b"again")
+    assert (tmp_path / "missing").read_bytes() == b"again"
+    assert listing(tmp_path) == ["link", "missing"]
 
 
 def test_symlink_to_an_existing_file_is_not_clobbered(tmp_path: Path) -> None:
@@ -195,7 +213,7 @@ def test_symlink_to_an_existing_file_is_not_clobbered(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to("real")
     with pytest.raises(FileExistsError) as info:
         atomic.write_bytes(tmp_path / "link", b"new")
-    assert info.value.filename == str(target)
+    assert info.value.filename == str(tmp_path / "link")
     with pytest.raises(FileExistsError) as again:
         atomic.write_bytes(tmp_path / "link", b"new", follow_symlinks=False)
     assert again.value.filename == str(tmp_path / "link")

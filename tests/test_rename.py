@@ -136,22 +136,56 @@ def test_link_refused_uses_the_last_resort(
     assert trace.count("rename") == 1
 
 
-def test_link_fallback_undoes_the_link_when_unlink_fails(
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.EROFS])
+def test_link_fallback_undoes_the_link_when_unlink_is_refused(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder, code: int
+) -> None:
+    # unlink(2) refused outright: nothing moved, and rename(2) would have
+    # changed nothing either.
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "msg").write_text("m")
+    trace.fail("unlink", code, when=lambda call: call.args[0] == str(tmp_path / "msg"))
+    with pytest.raises(OSError) as info:
+        atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert info.value.errno == code
+    assert listing(tmp_path) == ["msg"]
+
+
+def test_link_fallback_keeps_both_names_when_the_unlink_outcome_is_unknown(
     tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
 ) -> None:
+    # EIO: another mover may rely on the new name; the file keeps both, and
+    # a retry completes the move.
     force_caps(noreplace=False, exchange=False)
     (tmp_path / "msg").write_text("m")
     trace.fail("unlink", errno.EIO, when=lambda call: call.args[0] == str(tmp_path / "msg"))
     with pytest.raises(OSError) as info:
         atomic.rename(tmp_path / "msg", tmp_path / "new")
     assert info.value.errno == errno.EIO
-    assert listing(tmp_path) == ["msg"]
+    assert listing(tmp_path) == ["msg", "new"]
+    assert os.path.samefile(tmp_path / "msg", tmp_path / "new")
+    trace.faults.clear()
+    atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert listing(tmp_path) == ["new"]
+    assert (tmp_path / "new").read_text() == "m"
 
 
-def test_link_fallback_loses_a_race_cleanly(
+def test_link_fallback_eio_after_the_unlink_is_success(
     tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
 ) -> None:
-    # Another consumer moves the source away between our link and unlink.
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "msg").write_text("m")
+    trace.fail("unlink", errno.EIO, after=True)
+    atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert listing(tmp_path) == ["new"]
+
+
+def test_link_fallback_loses_a_race_without_removing_a_name(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    # Another process moves the source to a name of its own between our link
+    # and unlink: we lost, and say so.  Our name stays: we cannot tell it
+    # from a name that a mover of the same file to the same place relies on.
     force_caps(noreplace=False, exchange=False)
     (tmp_path / "msg").write_text("m")
 
@@ -163,7 +197,43 @@ def test_link_fallback_loses_a_race_cleanly(
     with pytest.raises(FileNotFoundError) as info:
         atomic.rename(tmp_path / "msg", tmp_path / "mine")
     assert info.value.errno == errno.ENOENT
-    assert listing(tmp_path) == ["theirs"]
+    assert info.value.filename == str(tmp_path / "msg")
+    assert listing(tmp_path) == ["mine", "theirs"]
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_two_movers_of_one_file_to_one_name_never_remove_its_last_name(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder, durable: bool
+) -> None:
+    # The interleaving that lost messages: A links; B's link finds the same
+    # inode (EEXIST) and B unlinks the source; A's unlink fails.  A must not
+    # take its link back: it is the file's only name now.
+    force_caps(noreplace=False, exchange=False)
+    src, dst = tmp_path / "claim", tmp_path / "msg"
+    src.write_text("payload")
+    other: list[BaseException | None] = []
+
+    def link_then_let_the_other_move(a: str, b: str) -> None:
+        os.link(a, b)
+        trace.replace.pop("link")
+        try:
+            atomic.rename(src, dst, durable=durable)  # the second mover, B
+        except BaseException as e:
+            other.append(e)
+        else:
+            other.append(None)
+
+    trace.replace["link"] = link_then_let_the_other_move
+    with pytest.raises(FileNotFoundError) as info:
+        atomic.rename(src, dst, durable=durable)  # A
+    assert info.value.filename == str(src)
+    assert other == [None]  # B moved it
+    assert listing(tmp_path) == ["msg"]
+    assert dst.read_text() == "payload"
+    if durable:
+        # The link's directory is synced before each unlink of the source.
+        names = [c.name for c in trace.calls]
+        assert names.index("fsync") < names.index("unlink")
 
 
 def test_link_retransmitted_eexist_is_recognised(
@@ -376,7 +446,7 @@ def test_probe_that_cannot_write_assumes_and_retries(
 ) -> None:
     trace.fail("mkdir", errno.EACCES)
     caps = atomic.capabilities(tmp_path / "a")
-    assert caps == Capabilities(noreplace=True, exchange=True, hardlinks=True)
+    assert caps == Capabilities(noreplace=True, exchange=True, hardlinks=True, probed=False)
     assert _rename._cache == {}
     atomic.capabilities(tmp_path / "a")
     assert len(_rename._cache) == 1

@@ -25,7 +25,7 @@ import select
 import threading
 from dataclasses import dataclass
 
-from . import _names, _renameat2, _syscalls
+from . import _names, _renameat2, _syscalls, _tree
 from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
 from ._tree import remove_tree
 
@@ -52,18 +52,25 @@ class Capabilities:
         link and unlink.
     :ivar ignores_flags: the filesystem reported success for a flagged rename
         but ignored the flag; atomstore never passes it flags.
+    :ivar probed: the answer comes from a probe on this filesystem.  False
+        where no probe could run (a read-only mount, a directory the process
+        may not write): the answer is then assumed, not cached, and every
+        operation tries the native call and falls back on its error.
     """
 
     noreplace: bool
     exchange: bool
     hardlinks: bool
     ignores_flags: bool = False
+    probed: bool = True
 
 
 # Used where no probe could run (no write permission), and not cached: try
 # the native call and fall back on its error.
-_ASSUMED = Capabilities(noreplace=True, exchange=True, hardlinks=True)
-_ASSUMED_WITHOUT_RENAMEAT2 = Capabilities(noreplace=False, exchange=False, hardlinks=True)
+_ASSUMED = Capabilities(noreplace=True, exchange=True, hardlinks=True, probed=False)
+_ASSUMED_WITHOUT_RENAMEAT2 = Capabilities(
+    noreplace=False, exchange=False, hardlinks=True, probed=False
+)
 
 _cache: dict[int, Capabilities] = {}
 _lock = threading.Lock()
@@ -117,6 +124,10 @@ def forget() -> None:
     events: they share the open file) or a thread that moved to another mount
     namespace.
     """
+    global _lock
+    # A thread of the parent may have held the lock while another forked:
+    # the child's copy would stay locked for ever.
+    _lock = threading.Lock()
     _mounts.reset()
     _cache.clear()
 
@@ -246,9 +257,17 @@ def _exists_error(dst: str) -> FileExistsError:
     return FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
 
 
-def rename_noreplace(src: str, dst: str, caps: Capabilities) -> None:
+def rename_noreplace(src: str, dst: str, caps: Capabilities, *, durable: bool = False) -> None:
     """Rename ``src`` to ``dst``, atomically refusing to replace ``dst``.
 
+    Safe against any number of processes moving the same file at once, on
+    every fallback: exactly one of them moves it, the others get
+    FileNotFoundError, and no interleaving removes the file's last name.
+
+    :param durable: on the link fallback, fsync the directory of ``dst``
+        between the link and the unlink, so that a crash cannot persist the
+        unlink without the link.  (The caller still fsyncs both directories
+        afterwards, as after a rename.)
     :raises FileExistsError: ``dst`` exists; ``src`` is left in place.
     :raises FileNotFoundError: ``src`` is gone (another process moved it).
     """
@@ -261,18 +280,31 @@ def rename_noreplace(src: str, dst: str, caps: Capabilities) -> None:
                 raise _exists_error(dst) from None
             if e.errno not in _FLAGS_REFUSED:
                 raise
-    if caps.hardlinks and _link_then_unlink(src, dst):
+    if caps.hardlinks and _link_then_unlink(src, dst, durable):
         return
     # Last resort: no atomic way to refuse a replacement exists here.
     if os.path.lexists(dst):
         if not os.path.lexists(src):  # as rename(2): a missing source comes first
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), src, None, dst)
+            raise _missing_error(src, dst)
         raise _exists_error(dst)
     _syscalls.rename(src, dst)
 
 
-def _link_then_unlink(src: str, dst: str) -> bool:
-    """The no-clobber fallback; False if this filesystem refuses links."""
+# unlink(2) surely did not remove the name: the directory refuses it.
+_UNLINK_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EBUSY})
+
+
+def _link_then_unlink(src: str, dst: str, durable: bool) -> bool:
+    """The no-clobber fallback; False if this filesystem refuses links.
+
+    The protocol between movers of one file: whoever's ``unlink(src)``
+    succeeds has moved it.  A mover whose link finds ``dst`` already naming
+    the same inode (another mover's link, or its own link retransmitted by
+    NFS, which answers the retry EEXIST: nfs(5)) goes on to the unlink, and
+    so relies on a name it did not make.  A second name is therefore never
+    removed once another mover may rely on it: only when ``unlink(src)``
+    was refused outright, the source is surely still there.
+    """
     try:
         _syscalls.link(src, dst)
     except OSError as e:
@@ -282,20 +314,41 @@ def _link_then_unlink(src: str, dst: str) -> bool:
             raise
         if not _same_file(src, dst) or _same_entry(src, dst):
             raise _exists_error(dst) from None
-        # NFS may retransmit a link() that succeeded and answer EEXIST to the
-        # retry (nfs(5), "soft" and "hard"): the name is ours after all.
+        linked = False
+    else:
+        linked = True
+    if durable:
+        _tree.sync_dir(os.path.dirname(dst) or ".")
     try:
         _syscalls.unlink(src)
-    except BaseException:
-        # FileNotFoundError: another process moved src between our link and
-        # unlink, and won.  Anything else: the move failed.  Either way the
-        # second name goes, and the error is raised.
-        try:
-            _syscalls.unlink(dst)
-        except OSError:
-            pass
+    except FileNotFoundError:
+        # Another mover unlinked src: it moved the file, to our dst or to a
+        # name of its own, and dst may be the only name left.  We lost.
+        raise _missing_error(src, dst) from None
+    except OSError as e:
+        if linked and e.errno in _UNLINK_REFUSED:
+            # Nothing moved: take back our second name, as rename(2) would
+            # leave nothing changed.  (Only a mover of another user, allowed
+            # to unlink src, could rely on dst meanwhile.)
+            _unlink_quietly(dst)
+            raise
+        if not os.path.lexists(src):
+            return True  # an unknown outcome, looked at: src is gone, dst holds it
+        # Both names stay: the file is not lost, and a retry completes the
+        # move (its link finds dst naming the same inode).
         raise
     return True
+
+
+def _missing_error(src: str, dst: str) -> FileNotFoundError:
+    return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), src, None, dst)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        _syscalls.unlink(path)
+    except OSError:
+        pass
 
 
 def _same_entry(a: str, b: str) -> bool:

@@ -242,7 +242,7 @@ class FileStore:
         if overwrite:
             _syscalls.rename(source, target)
         else:
-            _rename.rename_noreplace(source, target, self._capabilities())
+            _rename.rename_noreplace(source, target, self._capabilities(), durable=self.durable)
         if self.durable:
             _tree.sync_dir(dst_dir)
             _tree.sync_dir(src_dir)
@@ -476,7 +476,7 @@ class FileStore:
         if area == "dead":
             self._make_dead()
         target = os.path.join(self._dirs[area], _info.with_attempts(base, attempts))
-        _rename.rename_noreplace(source, target, self._capabilities())
+        _rename.rename_noreplace(source, target, self._capabilities(), durable=self.durable)
         if self.durable:
             _tree.sync_dir(self._dirs[area])
             _tree.sync_dir(os.path.dirname(source))
@@ -549,7 +549,7 @@ class FileStore:
         base, _ = split_info(name)
         source = os.path.join(self._dirs["dead"], name)
         target = os.path.join(self._dirs["new"], base)
-        _rename.rename_noreplace(source, target, self._capabilities())
+        _rename.rename_noreplace(source, target, self._capabilities(), durable=self.durable)
         if self.durable:
             _tree.sync_dir(self._dirs["new"])
             _tree.sync_dir(self._dirs["dead"])

@@ -13,12 +13,16 @@ import os
 from . import _syscalls
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+# A directory named by the caller is resolved as open() resolves it: a
+# symlink in its path, the last component included (``~/.config`` linked to
+# a dotfiles repository), is followed.  Only entries found by a walk are not.
+_NAMED_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _SYNC_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
 
 
 def sync_dir(path: str) -> None:
     """fsync the directory ``path``, making its entries durable."""
-    fd = _syscalls.open(path, _DIR_FLAGS)
+    fd = _syscalls.open(path, _NAMED_DIR_FLAGS)
     try:
         _syscalls.fsync(fd)
     finally:
@@ -69,7 +73,7 @@ def remove_tree(path: str) -> None:
     Entries that vanish meanwhile are ignored: another cleaner may be at work.
     """
     parent, name = os.path.split(path)
-    fd = _syscalls.open(parent or ".", _DIR_FLAGS)
+    fd = _syscalls.open(parent or ".", _NAMED_DIR_FLAGS)
     try:
         _remove_entry(fd, name)
     finally:

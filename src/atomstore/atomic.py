@@ -62,7 +62,14 @@ def _split(dest: str) -> tuple[str, str]:
 
 
 def _target(path: object, follow_symlinks: bool) -> tuple[str, os.stat_result | None]:
-    """The path to replace and its current status (None if missing)."""
+    """The path to replace and its current status (None if missing).
+
+    A symlink at ``path`` is followed as ``open()`` follows it, by the
+    kernel itself, so its rules hold (``fs.protected_symlinks`` refuses a
+    link planted by another user in a sticky world-writable directory such
+    as ``/tmp``, with EACCES).  Anything but a regular file (a directory, a
+    FIFO, a socket, a device) is refused before anything is written.
+    """
     dest = fspath(path)
     try:
         st = os.lstat(dest)
@@ -71,16 +78,65 @@ def _target(path: object, follow_symlinks: bool) -> tuple[str, os.stat_result | 
     if follow_symlinks and stat.S_ISLNK(st.st_mode):
         # Replace the link's target and keep the link, as open() writes
         # through it.
-        dest = os.path.realpath(dest)
-        try:
-            st = os.lstat(dest)
-        except FileNotFoundError:
+        dest, target_st = _follow(dest)
+        if target_st is None:
             return dest, None
-        if stat.S_ISLNK(st.st_mode):
-            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), fspath(path))
+        st = target_st
+    elif stat.S_ISLNK(st.st_mode):
+        return dest, st  # the link itself is replaced
+    _check_replaceable(dest, st)
+    return dest, st
+
+
+def _follow(link: str) -> tuple[str, os.stat_result | None]:
+    """Where ``open()`` writes through the symlink ``link``, and its status."""
+    try:
+        fd = os.open(link, _FOLLOW_FLAGS)
+    except FileNotFoundError:
+        # Dangling (the kernel found it may follow it): open(O_CREAT) would
+        # create the target.
+        return os.path.realpath(link), None
+    try:
+        st = os.fstat(fd)
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # pragma: no cover - no /proc
+            target = os.path.realpath(link)
+    finally:
+        os.close(fd)
+    return target, st
+
+
+_FOLLOW_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK) | os.O_CLOEXEC
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_replaceable(dest: str, st: os.stat_result) -> None:
+    """Refuse to replace anything but a regular file (or a symlink itself)."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), dest)
+    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+    raise OSError(errno.EINVAL, f"not a regular file ({kind}): refusing to replace it", dest)
+
+
+def _refuse_existing(dest: str) -> None:
+    """Raise if any name is at ``dest``: a symlink counts, dangling or not."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), dest)
-    return dest, st
+    raise _exists(dest)
 
 
 def _exists(dest: str) -> FileExistsError:
@@ -123,20 +179,28 @@ def file(
     :param durable: fsync the file and its directory.  Without it, a crash of
         the machine (not of the process) may lose the new version or, on some
         filesystems, leave an empty file.
-    :param follow_symlinks: replace the target of a symlink at ``path`` (the
-        link stays); with False the link itself is replaced.
+    :param follow_symlinks: with ``overwrite``, replace the target of a
+        symlink at ``path`` (the link stays), following it as ``open()``
+        does: where the kernel would refuse (``fs.protected_symlinks``), so
+        does this, with EACCES.  With False the link itself is replaced.
+        Without ``overwrite`` a symlink at ``path``, dangling or not, is an
+        existing name, as for ``O_EXCL``.
     :param perms: permission bits of the new file (exactly, whatever the
         umask); by default a new file gets 0o666 minus the umask and a
         replaced file keeps its mode, owner and group.
     :raises FileExistsError: ``path`` exists and ``overwrite`` is False.
     :raises FileNotFoundError: the parent directory is missing (named).
     :raises IsADirectoryError: ``path`` is a directory.
+    :raises OSError: ``path`` is a FIFO, socket or device (EINVAL): only a
+        regular file is ever replaced.
     """
     _fileobj.check_write_mode(mode)
     check_perms(perms)
-    dest, current = _target(path, follow_symlinks)
-    if current is not None and not overwrite:
-        raise _exists(dest)
+    if overwrite:
+        dest, current = _target(path, follow_symlinks)
+    else:
+        dest, current = fspath(path), None
+        _refuse_existing(dest)
     directory, base = _split(dest)
     temp, fd = _staging.open_temp(directory, base, perms, current)
     try:
@@ -187,8 +251,9 @@ def write_bytes(
     """Write ``data`` to ``path`` atomically; the keywords are :func:`file`'s.
 
     The shortest path to a file on disk: no file object is built.  Without
-    ``overwrite`` an existing ``path`` is found by the no-clobber rename
-    itself, after the data was written to the temporary file (which is then
+    ``overwrite`` an existing name at ``path`` (a symlink included, dangling
+    or not, as for ``O_EXCL``) is found by the no-clobber rename itself,
+    after the data was written to the temporary file (which is then
     removed), rather than by a look beforehand.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -209,14 +274,8 @@ def write_bytes(
     try:
         _staging.publish(temp, dest, caps, durable)
     except FileExistsError:
-        if overwrite or not follow_symlinks:
-            raise
-        # The name exists: a dangling symlink is written through, as open()
-        # does; anything else is the error.
-        target, current = _target(dest, follow_symlinks=True)
-        if current is not None or target == dest:
-            raise _exists(target) from None
-        write_bytes(target, data, durable=durable, follow_symlinks=False, perms=perms)
+        _refuse_existing(dest)  # a directory is named as such
+        raise
 
 
 def write_text(
@@ -420,7 +479,7 @@ def rename(src: StrPath, dst: StrPath, *, overwrite: bool = False, durable: bool
     if overwrite:
         _syscalls.rename(src, dst)
     else:
-        _rename.rename_noreplace(src, dst, _rename.capabilities(dst_dir))
+        _rename.rename_noreplace(src, dst, _rename.capabilities(dst_dir), durable=durable)
     if durable:
         _sync_dirs(dst_dir, os.path.dirname(src) or ".")
 
