@@ -100,8 +100,8 @@ BAD_NAMES = [
     ("\0", "NUL"),
     (".hidden", "reserved"),
     (".x.atomstore-0123456789ab.tmp", "reserved"),
-    ("x" * 256, "longer than 255 bytes"),
-    ("\u00e9" * 128, "longer than 255 bytes"),
+    ("x" * 256, "longer than 255 bytes|longer than 199 bytes"),
+    ("\u00e9" * 128, "longer than 255 bytes|longer than 199 bytes"),
 ]
 
 

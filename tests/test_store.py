@@ -9,11 +9,12 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
 from atomstore import Claim, ClaimLostError, FileStore
+from atomstore._store import MESSAGE_NAME_MAX
 from atomstore._info import escape_hostname, join_info, split_info
 from atomstore._rename import Capabilities
 from fstree import store_entries
@@ -161,8 +162,8 @@ def test_unknown_area(store: FileStore, area: object) -> None:
         ("/etc/passwd", "not a file of this store"),
         ("a\0b", "NUL"),
         (".hidden", "reserved"),
-        ("x" * 256, "longer than 255 bytes"),
-        ("\u00e9" * 128, "longer than 255 bytes"),
+        ("x" * 256, "longer than 255 bytes|longer than 199 bytes"),
+        ("\u00e9" * 128, "longer than 255 bytes|longer than 199 bytes"),
     ],
 )
 def test_bad_names(store: FileStore, name: str, message: str) -> None:
@@ -197,11 +198,29 @@ def test_listed_path_is_accepted_as_name(store: FileStore) -> None:
 
 
 def test_longest_name_is_fine(store: FileStore) -> None:
-    name = "x" * 255
+    # The longest name the store accepts for a message still has room for a
+    # claim's info part (attempts, time, pid and token).
+    name = "x" * MESSAGE_NAME_MAX
     with store.create(name) as f:
         f.write("x")
     store.move(name, "tmp", "new")
     assert names(store, "new") == [name]
+    claim = store.claim()
+    assert claim is not None
+    assert claim.name == name
+    claim.release()
+    again = store.claim()
+    assert again is not None
+    assert again.name == name
+    assert again.attempts == 1
+    again.finish()
+
+
+def test_a_name_without_room_for_a_claim_is_refused(store: FileStore) -> None:
+    name = "x" * (MESSAGE_NAME_MAX + 1)
+    with pytest.raises(ValueError, match="a claim adds its info part"):
+        store.create(name)
+    assert store_entries(store) == []
 
 
 # -- create ---------------------------------------------------------------
@@ -557,8 +576,12 @@ def test_claim_context_manager(store: FileStore) -> None:
 def test_claim_open_refuses_a_symlink(store: FileStore, tmp_path: Path) -> None:
     (tmp_path / "secret").write_text("s")
     os.symlink(tmp_path / "secret", os.path.join(store.path, "new", "planted"))
-    claim = store.claim()
-    assert claim is not None
+    assert store.claim() is None  # a symlink in new/ is never a candidate
+    assert names(store, "new") == ["planted"]
+    # One planted in cur/ under a claim's name is not followed either.
+    planted = os.path.join(store.path, "cur", "m:1,A0,C1,P1,Tabc")
+    os.symlink(tmp_path / "secret", planted)
+    claim = store.claimed(planted)
     with pytest.raises(OSError) as info:
         claim.read_bytes()
     assert info.value.errno == errno.ELOOP
@@ -598,14 +621,14 @@ def test_claim_lists_new_once_per_backlog(
     for i in range(20):
         store.add(str(i))
     listings = 0
-    real = os.listdir
+    real = os.scandir
 
-    def counting(path: str) -> list[str]:
+    def counting(path: str) -> Any:
         nonlocal listings
         listings += 1
         return real(path)
 
-    monkeypatch.setattr(os, "listdir", counting)
+    monkeypatch.setattr(os, "scandir", counting)
     while store.claim() is not None:
         pass
     assert listings == 2  # one listing of 20 names, one to find new/ empty

@@ -130,6 +130,7 @@ class Claim:
         """Open the claimed file for reading; a planted symlink is refused."""
         if mode not in ("r", "rb", "rt"):
             raise ValueError(f"invalid mode {mode!r}: a claim is opened to read")
+        self.store._checked("cur")
         try:
             return open_regular(self.path, mode, **kwargs)
         except FileNotFoundError:
@@ -137,6 +138,7 @@ class Claim:
 
     def read_bytes(self) -> bytes:
         """The claimed file's content."""
+        self.store._checked("cur")
         try:
             return read_regular(self.path)
         except FileNotFoundError:
@@ -151,6 +153,7 @@ class Claim:
 
         :raises ClaimLostError: the claim is no longer held.
         """
+        self.store._checked("cur")
         try:
             _syscalls.unlink(self.path)
         except FileNotFoundError:

@@ -13,6 +13,7 @@ fields, each a letter and a value:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import time
@@ -103,6 +104,24 @@ def token() -> str:
 def scatter(waiting: int) -> int:
     """How many of the oldest ``waiting`` names to pass over after a lost race."""
     return _names.random_below(min(waiting, 8))
+
+
+# The longest info part claim_name() adds: ":1," and A (10 digits), C (17),
+# P (7: pid_max is at most 2**22) and T (12), with their letters and commas.
+CLAIM_SUFFIX_MAX = 3 + 11 + 19 + 9 + 14
+
+
+def shorten(base: str, limit: int) -> str:
+    """``base`` cut to at most ``limit`` bytes, made unique by a digest.
+
+    For a foreign name too long to carry a claim's info part: the digest of
+    the whole name keeps two long names that share a beginning apart.
+    """
+    encoded = os.fsencode(base)
+    digest = hashlib.sha256(encoded).hexdigest()[:12]
+    # A cut inside a multi-byte character leaves surrogate escapes, which
+    # encode back to the same bytes: still a valid file name.
+    return os.fsdecode(encoded[: max(limit - 13, 1)]) + "~" + digest
 
 
 def claim_name(base: str, count: int, claimed_us: int, token: str) -> str:

@@ -30,6 +30,9 @@ __all__ = ["AREAS", "Claim", "ClaimLostError", "Claims", "FileStore"]
 AREAS = ("tmp", "new", "cur", "dead")
 _PREPARED = ("tmp", "new", "cur")  # dead/ is made when the first message dies
 _NAME_MAX = 255
+# A claim adds its info part to a message's name (_info.CLAIM_SUFFIX_MAX):
+# a name the store accepts for a message must leave room for it.
+MESSAGE_NAME_MAX = _NAME_MAX - _info.CLAIM_SUFFIX_MAX
 _DEFAULT_POLL = 0.5
 
 Data = Union[bytes, bytearray, memoryview, str, IO[bytes]]
@@ -106,6 +109,9 @@ class FileStore:
         # Names of new/ from one listing, oldest last: claims pop from it, so
         # a backlog of n costs one listing per n claims, not one per claim.
         self._backlog: builtins.list[str] = []
+        # Names of new/ that cannot be claimed here (too long for a claim on
+        # this filesystem): passed over, so the messages behind them flow.
+        self._unclaimable: set[str] = set()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
@@ -117,15 +123,39 @@ class FileStore:
             raise ValueError(f"unknown area {area!r}: expected 'tmp', 'new', 'cur' or 'dead'")
         return self._dirs[area]
 
-    def _name(self, name: object, area: str) -> str:
-        """The file name ``name`` stands for in ``area``, validated."""
+    def _checked(self, area: str) -> str:
+        """The directory of ``area``, after checking that it is one.
+
+        An area is never followed through a symlink: anyone who can write
+        the store's directory could otherwise point the store at files it
+        must not move, consume or delete.
+
+        :raises NotADirectoryError: the area is a symlink or not a directory.
+        :raises FileNotFoundError: the area is missing (not prepared).
+        """
+        directory = self._dirs[area]
+        try:
+            st = os.lstat(directory)
+        except FileNotFoundError:
+            raise self._not_prepared(area) from None
+        if not stat.S_ISDIR(st.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise NotADirectoryError(errno.ENOTDIR, f"store area is {kind}", directory)
+        return directory
+
+    def _name(self, name: object, area: str, *, message: bool = False) -> str:
+        """The file name ``name`` stands for in ``area``, validated.
+
+        :param message: the name is given to a file that may become a
+            message, so it must leave room for a claim's info part.
+        """
         if isinstance(name, os.PathLike):
             name = os.fspath(name)
         if not isinstance(name, str):
             raise TypeError(f"name must be str or os.PathLike[str], not {type(name).__name__}")
         if os.sep in name:
             directory, base = os.path.split(name)
-            if directory != self._dirs[area]:
+            if directory != self._dirs[area] and not _same_directory(directory, self._dirs[area]):
                 raise ValueError(f"{name!r} is not a file of this store's {area!r} area")
             name = base
         if not name or name in (".", ".."):
@@ -134,8 +164,10 @@ class FileStore:
             raise ValueError(f"invalid name {name!r}: contains a NUL character")
         if name.startswith("."):
             raise ValueError(f"invalid name {name!r}: names starting with '.' are reserved")
-        if len(os.fsencode(name)) > _NAME_MAX:
-            raise ValueError(f"invalid name {name[:40]!r}...: longer than {_NAME_MAX} bytes")
+        limit = MESSAGE_NAME_MAX if message else _NAME_MAX
+        if len(os.fsencode(name)) > limit:
+            why = " (a claim adds its info part)" if message else ""
+            raise ValueError(f"invalid name {name[:40]!r}...: longer than {limit} bytes{why}")
         return name
 
     def _capabilities(self) -> Capabilities:
@@ -193,8 +225,8 @@ class FileStore:
         :raises FileExistsError: ``tmp/name`` exists (or is a symlink).
         """
         _fileobj.check_write_mode(mode)
-        name = self.unique_name() if name is None else self._name(name, "tmp")
-        path = os.path.join(self._dirs["tmp"], name)
+        name = self.unique_name() if name is None else self._name(name, "tmp", message=True)
+        path = os.path.join(self._checked("tmp"), name)
         try:
             fd = _staging.open_exclusive(path, self.mode)
         except FileNotFoundError:
@@ -214,11 +246,12 @@ class FileStore:
         """
         directory = self._area(area)
         try:
-            names = os.listdir(directory)
+            self._checked(area)
         except FileNotFoundError:
-            if area == "dead" and os.path.isdir(self._dirs["new"]):
+            if area == "dead" and os.path.isdir(self._checked("new")):
                 return []  # no message has died yet
-            raise self._not_prepared(area) from None
+            raise
+        names = os.listdir(directory)
         return [os.path.join(directory, n) for n in sorted(names) if not n.startswith(".")]
 
     def move(self, name: str, src: str, dst: str, *, overwrite: bool = False) -> None:
@@ -235,7 +268,8 @@ class FileStore:
         src_dir, dst_dir = self._area(src), self._area(dst)
         if src_dir == dst_dir:
             raise ValueError(f"src and dst are the same area: {src!r}")
-        name = self._name(name, src)
+        name = self._name(name, src, message=dst in ("tmp", "new"))
+        self._checked(src), self._checked(dst)
         source, target = os.path.join(src_dir, name), os.path.join(dst_dir, name)
         if self.durable and src == "tmp":
             _sync_file(source)
@@ -257,10 +291,11 @@ class FileStore:
         :raises FileNotFoundError: ``src`` has no such file.
         """
         src_dir, dst_dir = self._area(src), self._area(dst)
-        name = self._name(name, src)
-        source, target = os.path.join(src_dir, name), os.path.join(dst_dir, name)
         if src_dir == dst_dir:
             raise ValueError(f"src and dst are the same area: {src!r}")
+        name = self._name(name, src, message=dst in ("tmp", "new"))
+        self._checked(src), self._checked(dst)
+        source, target = os.path.join(src_dir, name), os.path.join(dst_dir, name)
         if not overwrite and os.path.lexists(target):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
         with open_regular(source, "rb", buffering=0) as src_file:
@@ -277,7 +312,8 @@ class FileStore:
         :raises FileNotFoundError: there is no such file.
         """
         directory = self._area(area)
-        _syscalls.unlink(os.path.join(directory, self._name(name, area)))
+        name = self._name(name, area)
+        _syscalls.unlink(os.path.join(self._checked(area), name))
         if self.durable:
             _tree.sync_dir(directory)
 
@@ -304,7 +340,12 @@ class FileStore:
             file object, which is copied in chunks (memory stays flat).
         """
         name, temp = self._stage(data, encoding)
-        _staging.publish(temp, f"{self._dirs['new']}/{name}", self._capabilities(), self.durable)
+        try:
+            new_dir = self._checked("new")
+        except BaseException:
+            _staging.unlink_quietly(temp)
+            raise
+        _staging.publish(temp, f"{new_dir}/{name}", self._capabilities(), self.durable)
         return name
 
     def add_many(self, items: Iterable[Data], encoding: str = "utf-8") -> builtins.list[str]:
@@ -342,9 +383,10 @@ class FileStore:
 
     def _open_unique(self) -> tuple[str, str, int]:
         """A new file in ``tmp/`` under a unique name: (name, path, fd)."""
+        tmp_dir = self._checked("tmp")
         while True:
             name = self.unique_name()
-            temp = f"{self._dirs['tmp']}/{name}"
+            temp = f"{tmp_dir}/{name}"
             try:
                 return name, temp, _staging.open_exclusive(temp, self.mode)
             except FileExistsError:  # pragma: no cover - the random part repeated
@@ -407,8 +449,6 @@ class FileStore:
         lost = 0
         while True:
             if not backlog:
-                if lost and not os.path.isdir(cur_dir):
-                    raise self._not_prepared("cur")  # every claim fails
                 backlog = self._backlog = self._list_new()
                 if not backlog:
                     return None
@@ -421,32 +461,65 @@ class FileStore:
                     name = backlog.pop()
             except IndexError:  # another thread took the last ones
                 continue
-            if name[0] == ".":
-                continue  # hidden: not a message
             base, fields = split_info(name)
             attempts = _info.attempts(fields)
             claimed = time.time_ns() // 1000
             token = _info.token()
-            claim_path = f"{cur_dir}/{_info.claim_name(base, attempts, claimed, token)}"
+            claim_name = _info.claim_name(base, attempts, claimed, token)
+            if len(claim_name) > _NAME_MAX // 4 and len(os.fsencode(claim_name)) > _NAME_MAX:
+                # A foreign name too long to carry the info part: claimed
+                # under a shortened form of itself.
+                base = _info.shorten(
+                    base, _NAME_MAX - (len(os.fsencode(claim_name)) - len(os.fsencode(base)))
+                )
+                claim_name = _info.claim_name(base, attempts, claimed, token)
+            source, claim_path = f"{new_dir}/{name}", f"{cur_dir}/{claim_name}"
             try:
                 # A plain rename: the claim name is new (random token), so it
                 # cannot replace anything; the source's disappearance decides
                 # between consumers racing for the same message.
-                _syscalls.rename(f"{new_dir}/{name}", claim_path)
+                _syscalls.rename(source, claim_path)
             except FileNotFoundError:
+                if not os.path.isdir(cur_dir):
+                    raise self._not_prepared("cur") from None  # every claim fails
                 lost += 1
                 continue  # another consumer was faster
+            except OSError as e:
+                if e.errno == errno.ENAMETOOLONG:
+                    # Longer than this filesystem allows a claim: never
+                    # again in this process; it stays in new/ for an operator.
+                    self._unclaimable.add(name)
+                    continue
+                # An unknown outcome (EIO from a network filesystem whose
+                # reply was lost): look.  The claim name is ours alone.
+                if not os.path.lexists(claim_path):
+                    if os.path.lexists(source):
+                        raise
+                    lost += 1
+                    continue
             if self.durable:
                 _tree.sync_dir(cur_dir)
                 _tree.sync_dir(new_dir)
             return Claim(self, base, claim_path, attempts, claimed / 1e6, token)
 
     def _list_new(self) -> builtins.list[str]:
-        try:
-            names = os.listdir(self._dirs["new"])
-        except FileNotFoundError:
-            raise self._not_prepared("new") from None
-        names.sort(reverse=True)  # hidden names are skipped as they come
+        """The claimable names of ``new/``, oldest last.
+
+        Only regular files are candidates: hidden names (staging files,
+        ``.nfsXXXX``, ``.DS_Store``), directories, FIFOs, sockets, devices
+        and symlinks stay where they are, as do names this process found
+        it cannot claim.
+        """
+        new_dir = self._checked("new")
+        self._checked("cur")
+        skip = self._unclaimable
+        with os.scandir(new_dir) as entries:
+            names = [
+                e.name
+                for e in entries
+                if e.name[0] != "." and e.is_file(follow_symlinks=False) and e.name not in skip
+            ]
+        names.sort(reverse=True)
         return names
 
     def claimed(self, name: str) -> Claim:
@@ -475,6 +548,7 @@ class FileStore:
         area = "dead" if self.max_attempts is not None and attempts >= self.max_attempts else "new"
         if area == "dead":
             self._make_dead()
+        self._checked("cur"), self._checked(area)
         target = os.path.join(self._dirs[area], _info.with_attempts(base, attempts))
         _rename.rename_noreplace(source, target, self._capabilities(), durable=self.durable)
         if self.durable:
@@ -510,8 +584,12 @@ class FileStore:
             ``new/`` (the claim stays in ``cur/``), after every other claim
             was recovered.
         """
-        limit = time.time_ns() // 1000 - int(seconds(older_than) * 1e6)
-        cur_dir = self._dirs["cur"]
+        lease = seconds(older_than)
+        now = time.time_ns() // 1000
+        # A lease longer than the epoch (inf, timedelta.max): nothing is
+        # that old.
+        limit = now - int(lease * 1e6) if lease < now / 1e6 else -1
+        cur_dir = self._checked("cur")
         recovered = []
         clash: FileExistsError | None = None
         for name in sorted(os.listdir(cur_dir)):
@@ -548,7 +626,10 @@ class FileStore:
         name = self._name(name, "dead")
         base, _ = split_info(name)
         source = os.path.join(self._dirs["dead"], name)
-        target = os.path.join(self._dirs["new"], base)
+        if not os.path.lexists(self._dirs["dead"]):  # no message has died yet
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source)
+        self._checked("dead")
+        target = os.path.join(self._checked("new"), base)
         _rename.rename_noreplace(source, target, self._capabilities(), durable=self.durable)
         if self.durable:
             _tree.sync_dir(self._dirs["new"])
@@ -568,17 +649,25 @@ class FileStore:
         :returns: the paths removed.
         """
         limit = time.time() - seconds(older_than)
-        removed = _remove_stale(self._dirs["tmp"], limit, lambda name: True)
+        removed = _remove_stale(self._checked("tmp"), limit, lambda name: True)
         for area in ("new", "cur", "dead"):
-            directory = self._dirs[area]
-            if area == "dead" and not os.path.isdir(directory):
+            if area == "dead" and not os.path.lexists(self._dirs["dead"]):
                 continue
+            directory = self._checked(area)
             removed.extend(atomic.clean(directory, older_than=older_than))
             removed.extend(_remove_stale(directory, limit, _is_fuse_leftover))
         if self.durable and removed:
             for directory in sorted({os.path.dirname(p) for p in removed}):
                 _tree.sync_dir(directory)
         return removed
+
+
+def _same_directory(a: str, b: str) -> bool:
+    """Whether the paths ``a`` and ``b`` name one directory, however spelled."""
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b))
+    except OSError:
+        return False
 
 
 def _is_fuse_leftover(name: str) -> bool:
