@@ -101,8 +101,17 @@ def is_remote(path: str) -> bool:
     return kind in _REMOTE_TYPES or kind.startswith("fuse.")
 
 
+# select(2) refuses a timeout beyond what a C long holds: a longer wait is
+# made of waits this long.
+_LONGEST_WAIT = 86400.0
+
+
 class Waiter:
     """Wakes when names appear in ``directory``, a poll is due, or on stop.
+
+    The path is looked at again every ``default_poll`` seconds at the most:
+    when it names another directory (the store was moved aside and made
+    anew, or swapped), the waiter watches that one from then on.
 
     :param poll_interval: seconds between polls where inotify cannot see
         every change (None: only where needed, at ``default_poll``).
@@ -115,21 +124,55 @@ class Waiter:
         self._stopped = threading.Event()
         self._inotify = -1
         self._lock = threading.Lock()
-        if _libc is not None:
-            fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-            if fd >= 0:
-                wd = _libc.inotify_add_watch(fd, os.fsencode(directory), _IN_CREATE | _IN_MOVED_TO)
-                if wd >= 0:
-                    self._inotify = fd
-                else:
-                    code = ctypes.get_errno()
-                    os.close(fd)
-                    if code in (errno.ENOENT, errno.ENOTDIR):
-                        self.close()
-                        raise OSError(code, os.strerror(code), directory)
+        self._directory = directory
+        self._identity = self._look()
+        try:
+            self._watch()
+        except BaseException:
+            self.close()
+            raise
         if poll_interval is None and (self._inotify < 0 or is_remote(directory)):
             poll_interval = default_poll
         self.poll_interval = poll_interval
+        self._recheck = default_poll if poll_interval is None else poll_interval
+
+    def _look(self) -> tuple[int, int] | None:
+        """The identity of the directory the path names now (None: missing)."""
+        try:
+            st = os.stat(self._directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_dev, st.st_ino
+
+    def _watch(self) -> None:
+        """Watch the directory the path names now (inotify where it can)."""
+        if _libc is None:
+            return  # pragma: no cover - Linux only
+        fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            return
+        wd = _libc.inotify_add_watch(fd, os.fsencode(self._directory), _IN_CREATE | _IN_MOVED_TO)
+        if wd < 0:
+            code = ctypes.get_errno()
+            os.close(fd)
+            if code in (errno.ENOENT, errno.ENOTDIR):
+                raise OSError(code, os.strerror(code), self._directory)
+            return
+        with self._lock:
+            previous, self._inotify = self._inotify, fd
+        if previous >= 0:
+            os.close(previous)
+
+    def _follow(self) -> None:
+        """Watch the path's new directory if it names another one now."""
+        identity = self._look()
+        if identity is None or identity == self._identity:
+            return
+        try:
+            self._watch()
+        except OSError:
+            return  # gone again meanwhile: the next look tries again
+        self._identity = identity
 
     @property
     def uses_inotify(self) -> bool:
@@ -157,12 +200,14 @@ class Waiter:
         """Return after a change, a poll interval, ``timeout`` or :meth:`stop`."""
         if self._stopped.is_set():
             return
-        if self.poll_interval is not None:
-            timeout = self.poll_interval if timeout is None else min(timeout, self.poll_interval)
+        # Never longer than the look at the path is due: a wait on a
+        # directory that was moved aside would otherwise never end.
+        timeout = self._recheck if timeout is None else min(timeout, self._recheck)
         fds = [self._read] + ([self._inotify] if self._inotify >= 0 else [])
-        readable, _, _ = select.select(fds, [], [], timeout)
+        readable, _, _ = select.select(fds, [], [], min(timeout, _LONGEST_WAIT))
         for fd in readable:
             _drain(fd)
+        self._follow()
 
     def close(self) -> None:
         """Release the descriptors."""
