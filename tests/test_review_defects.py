@@ -625,3 +625,36 @@ def test_14_eio_with_nothing_moved_is_raised(store: FileStore, trace: Recorder) 
         store.claim()
     assert info.value.errno == errno.EIO
     assert len(store.list("new")) == 1
+
+
+@pytest.mark.parametrize("locale", ["C", "C.UTF-8"])
+def test_6_the_command_prints_any_name_as_its_bytes(store: FileStore, locale: str) -> None:
+    import subprocess
+    import sys
+
+    raw = b"0-caf\xe9"
+    with open(os.path.join(os.fsencode(store.path), b"new", raw), "wb") as f:
+        f.write(b"foreign")
+    env = {**os.environ, "LC_ALL": locale, "PYTHONUTF8": "0"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "atomstore", *args], capture_output=True, env=env
+        )
+
+    expected = os.path.join(os.fsencode(store.path), b"new", raw)
+    listed = run("ls", store.path)
+    assert (listed.returncode, listed.stdout, listed.stderr) == (0, expected + b"\n", b"")
+    taken = run("take", "--no-sync", store.path)
+    assert taken.returncode == 0, taken
+    path = taken.stdout.rstrip(b"\n")
+    assert path.startswith(os.path.join(os.fsencode(store.path), b"cur", raw + b":1,"))
+    with open(path, "rb") as f:
+        assert f.read() == b"foreign"
+    done = subprocess.run(
+        [sys.executable, "-m", "atomstore", "done", store.path, os.fsdecode(path)],
+        capture_output=True,
+        env=env,
+    )
+    assert done.returncode == 0, done
+    assert store_entries(store) == []

@@ -90,7 +90,11 @@ def _stdin() -> IO[bytes]:
 
 
 def _print(line: str) -> None:
-    print(line, flush=True)
+    # As bytes, whatever the locale: a path whose name is not valid UTF-8
+    # (or has surrogate escapes) is printed as the bytes the kernel holds.
+    out = sys.stdout.buffer
+    out.write(os.fsencode(line) + b"\n")
+    out.flush()
 
 
 def cmd_write(args: argparse.Namespace) -> int:
