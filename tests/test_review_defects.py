@@ -649,8 +649,8 @@ def test_6_the_command_prints_any_name_as_its_bytes(store: FileStore, locale: st
     assert taken.returncode == 0, taken
     path = taken.stdout.rstrip(b"\n")
     assert path.startswith(os.path.join(os.fsencode(store.path), b"cur", raw + b":1,"))
-    with open(path, "rb") as f:
-        assert f.read() == b"foreign"
+    with open(path, "rb") as taken_file:
+        assert taken_file.read() == b"foreign"
     done = subprocess.run(
         [sys.executable, "-m", "atomstore", "done", store.path, os.fsdecode(path)],
         capture_output=True,
