@@ -332,7 +332,8 @@ def test_6_a_foreign_name_too_long_for_a_claim_is_claimed_shortened(store: FileS
     assert claim is not None
     assert claim.read_bytes() == b"foreign"
     assert len(os.fsencode(os.path.basename(claim.path))) <= 255
-    assert claim.name.startswith("0xxx") and "~" in claim.name
+    assert claim.name.startswith("0xxx")
+    assert "~" in claim.name
     released = claim.release()
     assert os.path.basename(released) == claim.name + ":1,A1"
     taken = [store.claim(), store.claim()]
@@ -446,8 +447,8 @@ def test_9_a_destination_that_is_not_a_regular_file_is_refused(
             dest = tmp_path / ("link-to-" + special.name)
             dest.symlink_to(special)
         writers: list[Callable[[], object]] = [
-            lambda: atomic.write_bytes(dest, b"x", overwrite=True),
-            lambda: atomic.write_text(dest, "x", overwrite=True),
+            lambda dest=dest: atomic.write_bytes(dest, b"x", overwrite=True),  # type: ignore[misc]
+            lambda dest=dest: atomic.write_text(dest, "x", overwrite=True),  # type: ignore[misc]
         ]
         for write in writers:
             with pytest.raises(OSError) as info:
@@ -595,7 +596,8 @@ def test_13_capabilities_say_whether_they_were_probed(
 
 
 def test_14_eio_from_a_lost_claim_race_moves_on(store: FileStore, trace: Recorder) -> None:
-    first, second = store.add(b"1"), store.add(b"2")
+    store.add(b"1")
+    second = store.add(b"2")
 
     def lose_with_eio(src: str, dst: str) -> None:
         # Another host won the rename; the reply to ours was EIO.

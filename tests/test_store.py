@@ -14,9 +14,9 @@ from typing import Any, Callable
 import pytest
 
 from atomstore import Claim, ClaimLostError, FileStore
-from atomstore._store import MESSAGE_NAME_MAX
 from atomstore._info import escape_hostname, join_info, split_info
 from atomstore._rename import Capabilities
+from atomstore._store import MESSAGE_NAME_MAX
 from fstree import store_entries
 from tracing import Recorder
 
