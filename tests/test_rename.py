@@ -136,12 +136,12 @@ def test_link_refused_uses_the_last_resort(
     assert trace.count("rename") == 1
 
 
-@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.EROFS])
-def test_link_fallback_undoes_the_link_when_unlink_is_refused(
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO])
+def test_link_fallback_undoes_the_link_when_unlink_fails(
     tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder, code: int
 ) -> None:
-    # unlink(2) refused outright: nothing moved, and rename(2) would have
-    # changed nothing either.
+    # Nothing moved, as rename(2) would leave it; no other mover relies on
+    # the name our link made.
     force_caps(noreplace=False, exchange=False)
     (tmp_path / "msg").write_text("m")
     trace.fail("unlink", code, when=lambda call: call.args[0] == str(tmp_path / "msg"))
@@ -149,25 +149,6 @@ def test_link_fallback_undoes_the_link_when_unlink_is_refused(
         atomic.rename(tmp_path / "msg", tmp_path / "new")
     assert info.value.errno == code
     assert listing(tmp_path) == ["msg"]
-
-
-def test_link_fallback_keeps_both_names_when_the_unlink_outcome_is_unknown(
-    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
-) -> None:
-    # EIO: another mover may rely on the new name; the file keeps both, and
-    # a retry completes the move.
-    force_caps(noreplace=False, exchange=False)
-    (tmp_path / "msg").write_text("m")
-    trace.fail("unlink", errno.EIO, when=lambda call: call.args[0] == str(tmp_path / "msg"))
-    with pytest.raises(OSError) as info:
-        atomic.rename(tmp_path / "msg", tmp_path / "new")
-    assert info.value.errno == errno.EIO
-    assert listing(tmp_path) == ["msg", "new"]
-    assert os.path.samefile(tmp_path / "msg", tmp_path / "new")
-    trace.faults.clear()
-    atomic.rename(tmp_path / "msg", tmp_path / "new")
-    assert listing(tmp_path) == ["new"]
-    assert (tmp_path / "new").read_text() == "m"
 
 
 def test_link_fallback_eio_after_the_unlink_is_success(
@@ -180,12 +161,10 @@ def test_link_fallback_eio_after_the_unlink_is_success(
     assert listing(tmp_path) == ["new"]
 
 
-def test_link_fallback_loses_a_race_without_removing_a_name(
+def test_link_fallback_loses_a_race_cleanly(
     tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
 ) -> None:
-    # Another process moves the source to a name of its own between our link
-    # and unlink: we lost, and say so.  Our name stays: we cannot tell it
-    # from a name that a mover of the same file to the same place relies on.
+    # Another consumer moves the source away between our link and unlink.
     force_caps(noreplace=False, exchange=False)
     (tmp_path / "msg").write_text("m")
 
@@ -198,7 +177,25 @@ def test_link_fallback_loses_a_race_without_removing_a_name(
         atomic.rename(tmp_path / "msg", tmp_path / "mine")
     assert info.value.errno == errno.ENOENT
     assert info.value.filename == str(tmp_path / "msg")
-    assert listing(tmp_path) == ["mine", "theirs"]
+    assert listing(tmp_path) == ["theirs"]
+
+
+def test_link_fallback_respects_a_removal_between_link_and_unlink(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    # The source is removed on purpose (a claim finished) while we move it:
+    # it stays removed, not brought back under our name.
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "msg").write_text("m")
+
+    def link_then_removed(src: str, dst: str) -> None:
+        os.link(src, dst)
+        os.unlink(src)
+
+    trace.replace["link"] = link_then_removed
+    with pytest.raises(FileNotFoundError):
+        atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert listing(tmp_path) == []
 
 
 @pytest.mark.parametrize("durable", [True, False])
@@ -206,8 +203,8 @@ def test_two_movers_of_one_file_to_one_name_never_remove_its_last_name(
     tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder, durable: bool
 ) -> None:
     # The interleaving that lost messages: A links; B's link finds the same
-    # inode (EEXIST) and B unlinks the source; A's unlink fails.  A must not
-    # take its link back: it is the file's only name now.
+    # inode (EEXIST).  B used to unlink the source, and A's cleanup then
+    # removed the last name.  Now B has lost, and A completes the move.
     force_caps(noreplace=False, exchange=False)
     src, dst = tmp_path / "claim", tmp_path / "msg"
     src.write_text("payload")
@@ -224,27 +221,31 @@ def test_two_movers_of_one_file_to_one_name_never_remove_its_last_name(
             other.append(None)
 
     trace.replace["link"] = link_then_let_the_other_move
-    with pytest.raises(FileNotFoundError) as info:
-        atomic.rename(src, dst, durable=durable)  # A
-    assert info.value.filename == str(src)
-    assert other == [None]  # B moved it
+    atomic.rename(src, dst, durable=durable)  # A
+    assert len(other) == 1
+    assert isinstance(other[0], FileNotFoundError)
+    assert other[0].filename == str(src)
     assert listing(tmp_path) == ["msg"]
     assert dst.read_text() == "payload"
     if durable:
-        # The link's directory is synced before each unlink of the source.
+        # The link's directory is synced before the unlink of the source.
         names = [c.name for c in trace.calls]
-        assert names.index("fsync") < names.index("unlink")
+        assert "fsync" in names[: names.index("unlink")]
 
 
-def test_link_retransmitted_eexist_is_recognised(
+def test_link_retransmitted_eexist_keeps_both_names(
     tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
 ) -> None:
-    # NFS may redo a link() that succeeded and answer EEXIST: same inode.
+    # NFS may redo a link() that succeeded and answer EEXIST: the same as
+    # another mover's link in progress, which no caller can tell apart.  The
+    # caller is told it lost; the file keeps both names, nothing is lost.
     force_caps(noreplace=False, exchange=False)
     (tmp_path / "msg").write_text("m")
     trace.fail("link", errno.EEXIST, after=True)
-    atomic.rename(tmp_path / "msg", tmp_path / "new")
-    assert listing(tmp_path) == ["new"]
+    with pytest.raises(FileNotFoundError):
+        atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert listing(tmp_path) == ["msg", "new"]
+    assert os.path.samefile(tmp_path / "msg", tmp_path / "new")
 
 
 @pytest.mark.parametrize("flags", [{"noreplace": False}, {"noreplace": False, "hardlinks": False}])

@@ -67,9 +67,9 @@ def test_1_recover_against_recover_on_the_link_fallback_loses_nothing(
     trace: Recorder,
     flags: dict[str, bool],
 ) -> None:
-    # The review's interleaving, exactly: recoverer A links cur/X -> new/X;
-    # recoverer B's link finds new/X (EEXIST, same inode) and B unlinks
-    # cur/X; A's unlink then fails.  A used to take back new/X: the last name.
+    # The review's interleaving: recoverer A links cur/X -> new/X; recoverer
+    # B's link finds new/X (EEXIST, same inode).  B used to unlink cur/X as
+    # if the link were its own, and A then took back new/X: the last name.
     force_caps(exchange=False, **flags)
     name = store.add(b"the only copy")
     claim = store.claim()
@@ -85,8 +85,8 @@ def test_1_recover_against_recover_on_the_link_fallback_loses_nothing(
 
     trace.replace["link"] = link_then_let_the_other_recover
     mine = store.recover(0.001)
-    assert mine == []  # A lost, and does not claim the move
-    assert [os.path.basename(p) for p in results[0]] == [name + ":1,A1"]
+    assert results == [[]]  # B lost, and does not claim the move
+    assert [os.path.basename(p) for p in mine] == [name + ":1,A1"]
     assert store_entries(store) == [f"new/{name}:1,A1"]
     again = store.claim()
     assert again is not None
@@ -95,27 +95,61 @@ def test_1_recover_against_recover_on_the_link_fallback_loses_nothing(
         claim.finish()
 
 
-def test_1_release_against_recover_tells_the_loser(
-    store: FileStore, force_caps: Callable[..., Capabilities], trace: Recorder
+@pytest.mark.parametrize("first", ["release", "recover"])
+def test_1_release_against_recover_one_wins_the_other_is_told(
+    store: FileStore, force_caps: Callable[..., Capabilities], trace: Recorder, first: str
 ) -> None:
     force_caps(noreplace=False, exchange=False)
     name = store.add(b"payload")
     claim = store.claim()
     assert claim is not None
     time.sleep(0.002)
-    recovered: list[list[str]] = []
+    recoverer = FileStore(store.path, durable=False)
+    outcome: dict[str, object] = {}
 
-    def link_then_let_recover_win(src: str, dst: str) -> None:
+    def attempt(who: str) -> None:
+        try:
+            outcome[who] = claim.release() if who == "release" else recoverer.recover(0.001)
+        except FileNotFoundError as e:
+            outcome[who] = e
+
+    def link_then_let_the_other_move(src: str, dst: str) -> None:
         os.link(src, dst)
         trace.replace.pop("link")
-        recovered.append(FileStore(store.path, durable=False).recover(0.001))
+        attempt("recover" if first == "release" else "release")
 
-    trace.replace["link"] = link_then_let_recover_win
-    with pytest.raises(ClaimLostError) as info:
-        claim.release()
-    assert info.value.errno == errno.ENOENT
-    assert len(recovered[0]) == 1
+    trace.replace["link"] = link_then_let_the_other_move
+    attempt(first)
+    if first == "release":
+        assert isinstance(outcome["release"], str)
+        assert outcome["recover"] == []
+    else:
+        assert isinstance(outcome["release"], ClaimLostError)
+        assert outcome["release"].errno == errno.ENOENT
+        assert isinstance(outcome["recover"], list)
+        assert len(outcome["recover"]) == 1
     assert store_entries(store) == [f"new/{name}:1,A1"]
+
+
+def test_1_finish_against_recover_stays_finished(
+    store: FileStore, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    # recover links cur/X -> new/X, the consumer finishes (unlinks cur/X),
+    # recover's unlink fails: the finished message is not brought back.
+    force_caps(noreplace=False, exchange=False)
+    store.add(b"done already")
+    claim = store.claim()
+    assert claim is not None
+    time.sleep(0.002)
+
+    def link_then_finish(src: str, dst: str) -> None:
+        os.link(src, dst)
+        trace.replace.pop("link")
+        claim.finish()
+
+    trace.replace["link"] = link_then_finish
+    assert store.recover(0.001) == []
+    assert store_entries(store) == []
 
 
 def test_1_durable_move_syncs_the_link_before_the_unlink(

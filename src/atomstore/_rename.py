@@ -257,17 +257,22 @@ def _exists_error(dst: str) -> FileExistsError:
     return FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
 
 
-def rename_noreplace(src: str, dst: str, caps: Capabilities, *, durable: bool = False) -> None:
+def rename_noreplace(
+    src: str, dst: str, caps: Capabilities, *, durable: bool = False, private: bool = False
+) -> None:
     """Rename ``src`` to ``dst``, atomically refusing to replace ``dst``.
 
     Safe against any number of processes moving the same file at once, on
-    every fallback: exactly one of them moves it, the others get
+    every fallback: at most one of them moves it, the others get
     FileNotFoundError, and no interleaving removes the file's last name.
 
     :param durable: on the link fallback, fsync the directory of ``dst``
         between the link and the unlink, so that a crash cannot persist the
         unlink without the link.  (The caller still fsyncs both directories
         afterwards, as after a rename.)
+    :param private: no other process moves ``src`` (a staging file of the
+        caller's own): on the link fallback, ``dst`` found naming the same
+        inode can only be the caller's own link, retransmitted by NFS.
     :raises FileExistsError: ``dst`` exists; ``src`` is left in place.
     :raises FileNotFoundError: ``src`` is gone (another process moved it).
     """
@@ -280,7 +285,7 @@ def rename_noreplace(src: str, dst: str, caps: Capabilities, *, durable: bool = 
                 raise _exists_error(dst) from None
             if e.errno not in _FLAGS_REFUSED:
                 raise
-    if caps.hardlinks and _link_then_unlink(src, dst, durable):
+    if caps.hardlinks and _link_then_unlink(src, dst, durable, private):
         return
     # Last resort: no atomic way to refuse a replacement exists here.
     if os.path.lexists(dst):
@@ -290,20 +295,23 @@ def rename_noreplace(src: str, dst: str, caps: Capabilities, *, durable: bool = 
     _syscalls.rename(src, dst)
 
 
-# unlink(2) surely did not remove the name: the directory refuses it.
-_UNLINK_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EBUSY})
-
-
-def _link_then_unlink(src: str, dst: str, durable: bool) -> bool:
+def _link_then_unlink(src: str, dst: str, durable: bool, private: bool) -> bool:
     """The no-clobber fallback; False if this filesystem refuses links.
 
-    The protocol between movers of one file: whoever's ``unlink(src)``
-    succeeds has moved it.  A mover whose link finds ``dst`` already naming
-    the same inode (another mover's link, or its own link retransmitted by
-    NFS, which answers the retry EEXIST: nfs(5)) goes on to the unlink, and
-    so relies on a name it did not make.  A second name is therefore never
-    removed once another mover may rely on it: only when ``unlink(src)``
-    was refused outright, the source is surely still there.
+    The protocol between movers of one file: each relies only on the name
+    its own link made, and whoever's ``unlink(src)`` succeeds has moved the
+    file.  A mover whose link finds ``dst`` already there lost: to another
+    mover of the same file (same inode, or ``src`` gone), or to another file.
+    A mover whose ``unlink(src)`` fails takes its own link back, since no
+    other mover relies on it: the file lives on under the name the winner
+    made, or was removed on purpose (a claim finished meanwhile stays
+    finished).
+
+    The price: a link that NFS retransmitted and answered EEXIST (nfs(5)),
+    or a mover killed between its link and its unlink, leaves the file under
+    both names.  Nothing is lost; the message may be delivered once more.
+    Only a ``private`` source, which no other mover touches, takes such a
+    name for its own.
     """
     try:
         _syscalls.link(src, dst)
@@ -312,30 +320,32 @@ def _link_then_unlink(src: str, dst: str, durable: bool) -> bool:
             return False
         if e.errno != errno.EEXIST:
             raise
-        if not _same_file(src, dst) or _same_entry(src, dst):
+        if _same_entry(src, dst):
             raise _exists_error(dst) from None
-        linked = False
-    else:
-        linked = True
-    if durable:
-        _tree.sync_dir(os.path.dirname(dst) or ".")
+        if not _same_file(src, dst):
+            if os.path.lexists(src):
+                raise _exists_error(dst) from None
+            raise _missing_error(src, dst) from None  # moved meanwhile
+        if not private:
+            raise _missing_error(src, dst) from None  # another mover was first
     try:
+        if durable:
+            _tree.sync_dir(os.path.dirname(dst) or ".")
         _syscalls.unlink(src)
-    except FileNotFoundError:
-        # Another mover unlinked src: it moved the file, to our dst or to a
-        # name of its own, and dst may be the only name left.  We lost.
-        raise _missing_error(src, dst) from None
     except OSError as e:
-        if linked and e.errno in _UNLINK_REFUSED:
-            # Nothing moved: take back our second name, as rename(2) would
-            # leave nothing changed.  (Only a mover of another user, allowed
-            # to unlink src, could rely on dst meanwhile.)
+        if e.errno != errno.ENOENT and not os.path.lexists(src):
+            return True  # an unknown outcome (EIO), looked at: src is gone
+        _unlink_quietly(dst)
+        if e.errno == errno.ENOENT:
+            # Another process moved or removed src between our link and
+            # unlink: it won.
+            raise _missing_error(src, dst) from None
+        raise
+    except BaseException:
+        # Interrupted (KeyboardInterrupt): take the link back only while the
+        # source surely still names the file.
+        if os.path.lexists(src):
             _unlink_quietly(dst)
-            raise
-        if not os.path.lexists(src):
-            return True  # an unknown outcome, looked at: src is gone, dst holds it
-        # Both names stay: the file is not lost, and a retry completes the
-        # move (its link finds dst naming the same inode).
         raise
     return True
 

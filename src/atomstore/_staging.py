@@ -166,7 +166,7 @@ def publish(
         if caps is None:
             _syscalls.rename(temp, dest)
         else:
-            _rename.rename_noreplace(temp, dest, caps)
+            _rename.rename_noreplace(temp, dest, caps, private=True)
     except BaseException:
         unlink_quietly(temp)
         raise
