@@ -694,3 +694,167 @@ def test_6_the_command_prints_any_name_as_its_bytes(store: FileStore, locale: st
     )
     assert done.returncode == 0, done
     assert store_entries(store) == []
+
+
+# -- found by the adversarial review of these fixes ---------------------------
+
+
+def test_batches_never_follow_a_new_area_that_is_a_symlink(
+    tmp_path: Path, store: FileStore
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.rename(os.path.join(store.path, "new"), tmp_path / "real-new")
+    os.symlink(outside, os.path.join(store.path, "new"))
+    with pytest.raises(NotADirectoryError):
+        store.add_many([b"a", b"b"])
+    with pytest.raises(NotADirectoryError), store.batch() as batch:
+        batch.add(b"c")
+    assert listing(outside) == []
+    assert listing(os.path.join(store.path, "tmp")) == []
+
+
+@pytest.mark.parametrize("area", ["new", "cur"])
+def test_a_claim_from_a_cached_listing_checks_the_areas_again(
+    tmp_path: Path, store: FileStore, area: str
+) -> None:
+    for i in range(3):
+        store.add(b"%d" % i)
+    first = store.claim()  # lists new/ and keeps the rest for later claims
+    assert first is not None
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.rename(os.path.join(store.path, area), tmp_path / "real")
+    os.symlink(outside, os.path.join(store.path, area))
+    with pytest.raises(NotADirectoryError):
+        store.claim()
+    assert listing(outside) == []
+
+
+def test_threads_writing_at_once_never_trip_over_the_mount_watch(
+    tmp_path: Path, fresh_probe: None
+) -> None:
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        try:
+            for j in range(200):
+                atomic.write_bytes(tmp_path / f"{i}-{j}", b"x", durable=False)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(listing(tmp_path)) == 1600
+
+
+def test_another_users_message_in_a_sticky_store_does_not_block_the_queue(
+    request: pytest.FixtureRequest,
+) -> None:
+    import tempfile
+
+    from forked import call_as
+
+    need_root()
+    top = Path(tempfile.mkdtemp(prefix="atomstore-sticky-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(top, ignore_errors=True))
+    shared = FileStore(top / "shared", durable=False)
+    shared.prepare()
+    for directory in (top, top / "shared"):
+        directory.chmod(0o755)
+    for area in ("tmp", "new", "cur"):
+        os.chmod(os.path.join(shared.path, area), 0o1777)
+    Path(shared.path, "new", "0-roots").write_bytes(b"root's")
+
+    def as_nobody() -> tuple[bytes | None, list[str]]:
+        mine = FileStore(shared.path, durable=False)
+        mine.add(b"nobody's")
+        claim = mine.claim()
+        got = None if claim is None else claim.read_bytes()
+        if claim is not None:
+            claim.finish()
+        return got, [os.path.basename(p) for p in mine.list("new")]
+
+    got, waiting = call_as(65534, 65534, as_nobody)
+    assert got == b"nobody's"
+    assert waiting == ["0-roots"]
+
+
+def test_recover_goes_on_past_an_entry_it_cannot_move(store: FileStore, trace: Recorder) -> None:
+    for i in range(3):
+        store.add(b"%d" % i)
+    claims = [store.claim() for _ in range(3)]
+    time.sleep(0.002)
+    bad = claims[0]
+    assert bad is not None
+    trace.fail("rename", errno.EIO, when=lambda c: str(c.args[0]) == bad.path, times=None)
+    trace.fail("link", errno.EIO, when=lambda c: str(c.args[0]) == bad.path, times=None)
+    trace.fail("renameat2", errno.EIO, when=lambda c: str(c.args[0]) == bad.path, times=None)
+    with pytest.raises(OSError) as info:
+        store.recover(0.001)
+    assert info.value.errno == errno.EIO
+    assert len(store.list("new")) == 2
+    assert store.list("cur") == [bad.path]
+
+
+def test_a_waiter_outlives_a_store_made_anew_slowly(tmp_path: Path) -> None:
+    spool = FileStore(tmp_path / "spool", durable=False, poll_interval=0.1)
+    spool.prepare()
+    got: list[object] = []
+
+    def consume() -> None:
+        try:
+            claim = spool.claim(wait=10)
+            got.append(None if claim is None else claim.read_bytes())
+        except BaseException as e:
+            got.append(e)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    time.sleep(0.2)
+    os.rename(tmp_path / "spool", tmp_path / "spool.old")
+    time.sleep(0.6)  # several polls find no store at all
+    FileStore(tmp_path / "spool", durable=False).prepare()
+    FileStore(tmp_path / "spool", durable=False).add(b"after the gap")
+    consumer.join(10)
+    assert got == [b"after the gap"]
+
+
+def test_an_open_whose_reply_was_lost_leaves_no_file(
+    tmp_path: Path, store: FileStore, trace: Recorder
+) -> None:
+    trace.fail("open", errno.EIO, after=True)
+    with pytest.raises(OSError):
+        atomic.write_bytes(tmp_path / "f", b"x")
+    trace.fail("open", errno.EIO, after=True)
+    with pytest.raises(OSError):
+        store.add(b"x")
+    assert [n for n in listing(tmp_path) if n.startswith(".")] == []
+    assert store_entries(store) == []
+
+
+def test_durations_beyond_a_float_mean_for_ever(store: FileStore) -> None:
+    assert store.recover(2**2000) == []
+    assert store.claim(wait=0) is None
+    stopper = threading.Timer(0.2, lambda: store.add(b"x"))
+    stopper.start()
+    claim = store.claim(wait=2**2000)
+    assert claim is not None
+
+
+def test_a_fifo_that_takes_the_name_during_a_long_write_is_not_replaced(
+    tmp_path: Path,
+) -> None:
+    dest = tmp_path / "dest"
+    dest.write_text("old")
+    with pytest.raises(OSError) as info, atomic.file(dest, overwrite=True) as f:
+        f.write("new")
+        dest.unlink()
+        os.mkfifo(dest)
+    assert info.value.errno == errno.EINVAL
+    assert stat.S_ISFIFO(os.lstat(dest).st_mode)
+    assert listing(tmp_path) == ["dest"]

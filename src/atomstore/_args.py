@@ -32,7 +32,10 @@ def seconds(value: object, what: str = "older_than") -> float:
     if isinstance(value, datetime.timedelta):
         result = value.total_seconds()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        result = float(value)
+        try:
+            result = float(value)
+        except OverflowError:  # an int beyond a float: for ever
+            result = float("inf") if value > 0 else float("-inf")
     else:
         raise TypeError(f"{what} must be seconds or a timedelta, not {type(value).__name__}")
     if not result >= 0:

@@ -41,7 +41,11 @@ class Batch:
         :attr:`published`) and the rest are discarded.
         """
         store = self._store
-        new_dir = store._dirs["new"]
+        try:
+            new_dir = store._checked("new")
+        except BaseException:
+            self.discard()
+            raise
         try:
             while self._staged:
                 name, temp = self._staged[0]

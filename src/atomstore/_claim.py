@@ -192,7 +192,7 @@ class Claims:
     def __next__(self) -> Claim:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         while not self._waiter.stopped:
-            claim = self._store._claim_now()
+            claim = self._store._claim_while_waiting()
             if claim is not None:
                 return claim
             remaining = None if deadline is None else deadline - time.monotonic()

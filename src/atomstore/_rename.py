@@ -87,31 +87,35 @@ class _MountWatch:
     """
 
     def __init__(self) -> None:
-        self._poller: select.poll | None = None
         self._fd = -1
         self._unwatchable = False
 
     def changed(self) -> bool:
-        poller = self._poller
-        if poller is not None:
-            return bool(poller.poll(0))
+        # select(), not a shared select.poll object: threads look at once,
+        # and poll objects refuse concurrent use (RuntimeError).  POLLPRI is
+        # select's "exceptional condition".
+        fd = self._fd
+        if fd >= 0:
+            return bool(select.select((), (), (fd,), 0)[2])
         if self._unwatchable:  # pragma: no cover - no /proc
             return False
         try:
-            self._fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # pragma: no cover - no /proc: nothing to watch
             self._unwatchable = True
             return False
-        self._poller = select.poll()
-        self._poller.register(self._fd, select.POLLPRI)
+        with _lock:
+            if self._fd < 0:
+                self._fd, fd = fd, -1
+        if fd >= 0:
+            os.close(fd)  # another thread opened it first
         return False  # nothing is cached before the first look (forget())
 
     def reset(self) -> None:
         """Stop watching; the next look starts afresh."""
-        self._poller = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 _mounts = _MountWatch()

@@ -62,6 +62,9 @@ def open_temp(
         except FileExistsError:
             continue
         except OSError as e:
+            # The name is ours alone: if the error came after the file was
+            # made (a lost reply), it goes.
+            unlink_quietly(temp)
             # The temporary name means nothing to the caller: name the directory.
             raise OSError(e.errno, e.strerror, directory) from None
         if perms is not None or like is not None:

@@ -394,6 +394,7 @@ class FileStore:
             except FileNotFoundError:
                 raise self._not_prepared("tmp") from None
             except OSError as e:
+                _staging.unlink_quietly(temp)  # ours alone, if it was made
                 # The fresh name means nothing to the caller: name the area.
                 raise OSError(e.errno, e.strerror, self._dirs["tmp"]) from None
 
@@ -415,7 +416,7 @@ class FileStore:
         deadline = time.monotonic() + seconds(wait, "wait")
         with self._waiter() as waiter:
             while True:
-                claim = self._claim_now()
+                claim = self._claim_while_waiting()
                 if claim is not None:
                     return claim
                 remaining = deadline - time.monotonic()
@@ -437,6 +438,16 @@ class FileStore:
             timeout = seconds(timeout, "timeout")
         return Claims(self, self._waiter(), timeout)
 
+    def _claim_while_waiting(self) -> Claim | None:
+        """:meth:`_claim_now` for a waiter: a store being made anew (moved
+        aside, not yet prepared again) is waited for, not an error."""
+        try:
+            return self._claim_now()
+        except FileNotFoundError as e:
+            if e.filename not in (self._dirs["new"], self._dirs["cur"]):
+                raise
+            return None
+
     def _waiter(self) -> _watch.Waiter:
         try:
             return _watch.Waiter(self._dirs["new"], self.poll_interval, _DEFAULT_POLL)
@@ -444,7 +455,9 @@ class FileStore:
             raise self._not_prepared("new") from None
 
     def _claim_now(self) -> Claim | None:
-        new_dir, cur_dir = self._dirs["new"], self._dirs["cur"]
+        # Checked on every claim, not only when listing: an area swapped for
+        # a symlink while a listing is worked through is never followed.
+        new_dir, cur_dir = self._checked("new"), self._checked("cur")
         backlog = self._backlog
         lost = 0
         while True:
@@ -485,9 +498,12 @@ class FileStore:
                 lost += 1
                 continue  # another consumer was faster
             except OSError as e:
-                if e.errno == errno.ENAMETOOLONG:
-                    # Longer than this filesystem allows a claim: never
-                    # again in this process; it stays in new/ for an operator.
+                if e.errno == errno.ENAMETOOLONG or (
+                    e.errno == errno.EPERM and _owned_by_another(source)
+                ):
+                    # Longer than this filesystem allows a claim, or another
+                    # user's file in a sticky new/: never again in this
+                    # process; it stays in new/ for an operator or its owner.
                     self._unclaimable.add(name)
                     continue
                 # An unknown outcome (EIO from a network filesystem whose
@@ -510,8 +526,7 @@ class FileStore:
         and symlinks stay where they are, as do names this process found
         it cannot claim.
         """
-        new_dir = self._checked("new")
-        self._checked("cur")
+        new_dir = self._dirs["new"]
         skip = self._unclaimable
         with os.scandir(new_dir) as entries:
             names = [
@@ -591,7 +606,7 @@ class FileStore:
         limit = now - int(lease * 1e6) if lease < now / 1e6 else -1
         cur_dir = self._checked("cur")
         recovered = []
-        clash: FileExistsError | None = None
+        clash: OSError | None = None
         for name in sorted(os.listdir(cur_dir)):
             base, fields = split_info(name)
             try:
@@ -606,9 +621,10 @@ class FileStore:
                 )
             except FileNotFoundError:
                 continue  # finished or recovered meanwhile
-            except FileExistsError as e:
-                # Something took its name in new/: it stays claimed (never
-                # clobber); the others are still recovered.
+            except OSError as e:
+                # Its name taken in new/ (it stays claimed: never clobber),
+                # another user's claim in a sticky cur/, an I/O error: the
+                # others are still recovered, and the first error raised.
                 clash = clash or e
                 continue
             recovered.append(path)
@@ -660,6 +676,13 @@ class FileStore:
             for directory in sorted({os.path.dirname(p) for p in removed}):
                 _tree.sync_dir(directory)
         return removed
+
+
+def _owned_by_another(path: str) -> bool:
+    try:
+        return os.lstat(path).st_uid != os.geteuid()
+    except OSError:
+        return False
 
 
 def _same_directory(a: str, b: str) -> bool:

@@ -128,6 +128,14 @@ def _check_replaceable(dest: str, st: os.stat_result) -> None:
     raise OSError(errno.EINVAL, f"not a regular file ({kind}): refusing to replace it", dest)
 
 
+def _recheck(dest: str) -> None:
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return
+    _check_replaceable(dest, st)
+
+
 def _refuse_existing(dest: str) -> None:
     """Raise if any name is at ``dest``: a symlink counts, dangling or not."""
     try:
@@ -211,6 +219,10 @@ def file(
     try:
         yield f
         caps = _finish(f, temp, directory, overwrite, durable)
+        if overwrite:
+            # The block may have run long: whatever took the name meanwhile
+            # must still be a file this may replace.
+            _recheck(dest)
     except BaseException:
         with contextlib.suppress(Exception):
             f.close()
