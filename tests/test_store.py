@@ -768,3 +768,15 @@ def test_store_on_filesystem_without_noreplace(
     assert Path(store.path, "new", "a").read_text() == "y"
     assert trace.count("renameat2") == 0
     assert trace.count("link") >= 2
+
+
+def test_names_of_one_process_sort_in_order_even_when_the_clock_goes_back(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [store.unique_name() for _ in range(2000)]  # many share a microsecond
+    real = time.time_ns()
+    clock = iter([real + 10_000_000_000, real - 3_600_000_000_000, real])
+    monkeypatch.setattr(time, "time_ns", lambda: next(clock))
+    names += [store.unique_name() for _ in range(3)]  # ahead, then set back an hour
+    assert sorted(names) == names
+    assert len(set(names)) == len(names)

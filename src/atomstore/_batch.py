@@ -30,8 +30,13 @@ class Batch:
 
     def add(self, data: Data, encoding: str = "utf-8") -> str:
         """Stage a message; return the name it will have in ``new/``."""
-        name, temp = self._store._stage(data, encoding)
-        self._staged.append((name, temp))
+        staged = _staging.Temp()
+        try:
+            name = self._store._stage(staged, data, encoding)
+            self._staged.append((name, f"{self._store._dirs['tmp']}/{name}"))
+        except BaseException:
+            staged.discard()
+            raise
         return name
 
     def commit(self) -> builtins.list[str]:

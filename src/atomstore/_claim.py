@@ -44,7 +44,10 @@ def open_regular(path: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
     try:
         f = open(fd, mode, **kwargs)  # noqa: SIM115 - the caller closes it
     except BaseException:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # closed already, by the file object open() had made
         raise
     raw: Any = getattr(getattr(f, "buffer", f), "raw", f)
     raw.name = path  # open() of a descriptor names the file by its number
@@ -161,17 +164,21 @@ class Claim:
         if self.store.durable:
             _tree.sync_dir(os.path.dirname(self.path))
 
-    def release(self) -> str:
+    def release(self, *, count_attempt: bool = True) -> str:
         """Give the message back; this counts one attempt.
 
         It goes back to ``new/``, or to ``dead/`` once it has used the
         store's ``max_attempts``.
 
+        :param count_attempt: False for a claim nobody worked on (its
+            claimant could not even hand it on): it goes back to ``new/``
+            under the name it had, with its attempts as they were.
         :returns: the message's new path.
         :raises ClaimLostError: the claim is no longer held.
         """
+        attempts = self.attempts + 1 if count_attempt else self.attempts
         try:
-            return self.store._give_back(self.path, self.name, self.attempts + 1)
+            return self.store._give_back(self.path, self.name, attempts, spent=count_attempt)
         except FileNotFoundError as e:
             if e.filename == self.path:
                 raise self.lost() from None

@@ -46,6 +46,8 @@ def duration(text: str) -> float:
     """Seconds from ``90``, ``90s``, ``15m``, ``36h``, ``2d`` or ``inf``."""
     if text.strip().lower() in ("inf", "forever"):
         return math.inf
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must not be negative")
     match = _DURATION.match(text)
     if match is None:
         raise argparse.ArgumentTypeError(
@@ -78,8 +80,23 @@ def permissions(text: str) -> int:
 
 def _store(args: argparse.Namespace) -> FileStore:
     return FileStore(
-        args.dir, durable=not args.no_sync, max_attempts=getattr(args, "max_attempts", None)
+        args.dir,
+        durable=not getattr(args, "no_sync", False),
+        max_attempts=getattr(args, "max_attempts", None),
     )
+
+
+class UsageError(Exception):
+    """Bad usage found after parsing: exit status 2, with the usage line."""
+
+
+class OutputError(OSError):
+    """Standard output could not be written."""
+
+
+class HandOffError(OSError):
+    """What was done could not be handed on; the message says what became
+    of it.  Reported even when the reader left (EPIPE)."""
 
 
 def _stdin() -> IO[bytes]:
@@ -89,12 +106,42 @@ def _stdin() -> IO[bytes]:
     return sys.stdin.buffer
 
 
-def _print(line: str) -> None:
-    # As bytes, whatever the locale: a path whose name is not valid UTF-8
-    # (or has surrogate escapes) is printed as the bytes the kernel holds.
-    out = sys.stdout.buffer
-    out.write(os.fsencode(line) + b"\n")
-    out.flush()
+def _stdout() -> IO[bytes]:
+    """Standard output as bytes; an error if the command was started without one."""
+    if sys.stdout is None:  # started with descriptor 1 closed (``>&-``)
+        raise OutputError(errno.EBADF, "standard output is closed")
+    return sys.stdout.buffer
+
+
+def _print(line: str, end: bytes = b"\n") -> None:
+    """Write ``line`` and ``end`` to standard output, flushed.
+
+    As bytes, whatever the locale: a path whose name is not valid UTF-8 (or
+    has surrogate escapes) is printed as the bytes the kernel holds.
+
+    :raises OutputError: standard output is closed, full or gone.
+    """
+    out = _stdout()
+    try:
+        out.write(os.fsencode(line) + end)
+        out.flush()
+    except OSError as e:
+        # What is still buffered would fail again at exit, noisily.
+        _silence_stdout()
+        raise OutputError(e.errno, f"standard output: {e.strerror}") from None
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _end(args: argparse.Namespace) -> bytes:
+    return b"\0" if getattr(args, "null", False) else b"\n"
 
 
 def cmd_write(args: argparse.Namespace) -> int:
@@ -110,6 +157,12 @@ def cmd_write(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         hint = "File exists (--overwrite replaces it)"
         raise FileExistsError(e.errno, hint, e.filename) from None
+    except OSError as e:
+        if e.errno != errno.EINVAL or e.filename is None:
+            raise
+        # Not a regular file: /dev/stdout into a pipe, a FIFO, a device.
+        hint = f"{e.strerror} (write replaces regular files only; to fill a pipe use cat)"
+        raise OSError(e.errno, hint, e.filename) from None
     return EXIT_OK
 
 
@@ -120,27 +173,42 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_put(args: argparse.Namespace) -> int:
     store = _store(args)
-    for source in args.files or ["-"]:
-        if source == "-":
-            name = store.add(_stdin())
-        else:
-            with open(source, "rb") as f:
-                name = store.add(f)
-        _print(name)
+    _stdout()  # nowhere to say what was delivered: deliver nothing
+    # All or nothing, as add_many(): every file is staged first, and a file
+    # that cannot be read fails the whole put before anything is delivered.
+    with contextlib.ExitStack() as files, store.batch() as batch:
+        for source in args.files or ["-"]:
+            data = _stdin() if source == "-" else files.enter_context(open(source, "rb"))
+            batch.add(data)
+    end = _end(args)
+    try:
+        for name in batch.published:
+            _print(name, end)
+    except OutputError as e:
+        names = " ".join(batch.published)
+        raise HandOffError(e.errno, f"delivered {names}, but {e.strerror}") from None
     return EXIT_OK
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    end = _end(args)
     for path in _store(args).list(args.area):
-        _print(path)
+        _print(path, end)
     return EXIT_OK
 
 
 def cmd_take(args: argparse.Namespace) -> int:
-    claim = _store(args).claim(wait=args.wait)
+    store = _store(args)
+    _stdout()  # nowhere to hand a claim to: claim nothing
+    claim = store.claim(wait=args.wait)
     if claim is None:
         return EXIT_EMPTY
-    _print(claim.path)
+    try:
+        _print(claim.path, _end(args))
+    except OutputError as e:
+        # Nobody learnt of the claim: give it back, with no attempt counted.
+        back = claim.release(count_attempt=False)
+        raise HandOffError(e.errno, f"{e.strerror}; the message was given back", back) from None
     return EXIT_OK
 
 
@@ -163,7 +231,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def cmd_requeue(args: argparse.Namespace) -> int:
     store = _store(args)
     if not args.all and not args.names:
-        raise ValueError("name the dead letters to requeue, or pass --all")
+        raise UsageError("name the dead letters to requeue, or pass --all")
     names = store.list("dead") if args.all else args.names
     for name in names:
         _print(store.requeue(name))
@@ -210,28 +278,40 @@ def build_parser() -> argparse.ArgumentParser:
         prog="atomstore",
         description="Atomic file writes and a lock-free file queue (maildir style).",
         epilog=_EPILOG,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
-        name: str, func: Callable[[argparse.Namespace], int], text: str
+        name: str, func: Callable[[argparse.Namespace], int], text: str, changes: bool = True
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text, epilog=_EPILOG)
-        sub.add_argument(
-            "--no-sync",
-            action="store_true",
-            help="skip fsync: faster, but a machine crash may lose the change",
+        sub = commands.add_parser(
+            name, help=text, description=text, epilog=_EPILOG, allow_abbrev=False
         )
-        sub.set_defaults(func=func)
+        if changes:
+            sub.add_argument(
+                "--no-sync",
+                action="store_true",
+                help="skip fsync: faster, but a machine crash may lose the change",
+            )
+        sub.set_defaults(func=func, parser=sub)
         return sub
 
     def store_command(
-        name: str, func: Callable[[argparse.Namespace], int], text: str
+        name: str, func: Callable[[argparse.Namespace], int], text: str, changes: bool = True
     ) -> argparse.ArgumentParser:
-        sub = command(name, func, text)
+        sub = command(name, func, text, changes)
         sub.add_argument("dir", metavar="DIR", help="the store's directory")
         return sub
+
+    def null_option(sub: argparse.ArgumentParser, what: str) -> None:
+        sub.add_argument(
+            "-0",
+            "--null",
+            action="store_true",
+            help=f"end each {what} with a NUL byte, not a newline (for xargs -0)",
+        )
 
     write = command(
         "write", cmd_write, "write standard input to PATH atomically (old or new, never half)"
@@ -246,9 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     put = store_command(
         "put", cmd_put, "deliver FILEs (or standard input) as new messages; print their names"
     )
-    put.add_argument("files", metavar="FILE", nargs="*", help="files to deliver; - is stdin")
-    ls = store_command("ls", cmd_ls, "list an area (tmp, new, cur, dead), oldest first")
+    put.add_argument(
+        "files",
+        metavar="FILE",
+        nargs="*",
+        help="files to deliver, all or none; - is stdin",
+    )
+    null_option(put, "name")
+    ls = store_command(
+        "ls", cmd_ls, "list an area (tmp, new, cur, dead), oldest first", changes=False
+    )
     ls.add_argument("area", metavar="AREA", nargs="?", default="new", choices=AREAS)
+    null_option(ls, "path")
     take = store_command(
         "take", cmd_take, f"claim the oldest message and print its path (exit {EXIT_EMPTY}: none)"
     )
@@ -259,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait this long for a message (30, 5m, inf)",
     )
+    null_option(take, "path")
     done = store_command("done", cmd_done, "finish a claim: remove the message")
     done.add_argument("name", metavar="NAME", help="the path (or name) take printed")
     release = store_command(
@@ -293,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="what counts as stale (default 36h)",
     )
-    stat = store_command("stat", cmd_stat, "count the files of each area, with the oldest's age")
+    stat = store_command(
+        "stat", cmd_stat, "count the files of each area, with the oldest's age", changes=False
+    )
     stat.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -335,19 +427,48 @@ def _cleanup_on_termination() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+_DURATION_OPTIONS = ("--wait", "--older-than")
+
+
+def _negative_durations(argv: Sequence[str]) -> list[str]:
+    """``--older-than -5m`` as ``--older-than=-5m``: argparse would take the
+    value for an option and say "expected one argument"; this way the
+    duration's own check says what is wrong with it."""
+    result: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in _DURATION_OPTIONS:
+            value = next(args, None)
+            if value is not None and re.match(r"^-[\d.]", value):
+                result.append(f"{arg}={value}")
+                continue
+            result.append(arg)
+            if value is not None:
+                result.append(value)
+            continue
+        result.append(arg)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_negative_durations(sys.argv[1:] if argv is None else argv))
     try:
         with _cleanup_on_termination():
             status: int = args.func(args)
         return status
+    except UsageError as e:
+        args.parser.error(str(e))  # exits with status 2
+        raise  # pragma: no cover - error() does not return
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # Whoever read our output went away (``atomstore ls | head``).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (BrokenPipeError, OutputError) as e:
+        if e.errno != errno.EPIPE:
+            print(f"atomstore: error: {describe(e)}", file=sys.stderr)
+        # else whoever read our output went away (``atomstore ls | head``):
+        # nothing to say to anyone.
+        _silence_stdout()
         return EXIT_ERROR
     except (OSError, ValueError, TypeError) as e:
         print(f"atomstore: error: {describe(e)}", file=sys.stderr)

@@ -4,6 +4,7 @@ through the OS boundary."""
 from __future__ import annotations
 
 import io
+import os
 from typing import IO, Any
 
 from . import _syscalls
@@ -42,14 +43,39 @@ def open_fd(
 ) -> IO[Any]:
     """Wrap the writable descriptor ``fd`` as ``open(name, mode, ...)`` would.
 
-    The file object owns ``fd`` and closes it.
+    The file object owns ``fd`` and closes it; so does this function when
+    it fails.
     """
-    binary = check_write_mode(mode)
-    if binary and (encoding is not None or errors is not None or newline is not None):
-        raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
-    if buffering == 0 and not binary:
-        raise ValueError("can't have unbuffered text I/O")
-    raw = _BoundaryFileIO(fd, "wb", closefd=True)
+    try:
+        binary = check_write_mode(mode)
+        if binary and (encoding is not None or errors is not None or newline is not None):
+            raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
+        if buffering == 0 and not binary:
+            raise ValueError("can't have unbuffered text I/O")
+        raw = _BoundaryFileIO(fd, "wb", closefd=True)
+    except BaseException:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        raise
+    try:
+        return _buffered(raw, name, binary, buffering, encoding, errors, newline, mode)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _buffered(
+    raw: io.FileIO,
+    name: str,
+    binary: bool,
+    buffering: int,
+    encoding: str | None,
+    errors: str | None,
+    newline: str | None,
+    mode: str,
+) -> IO[Any]:
     raw.name = name
     if buffering == 0:
         return raw
@@ -60,7 +86,7 @@ def open_fd(
     if binary:
         return buffer
     if hasattr(io, "text_encoding"):  # Python 3.10+: EncodingWarning as open()
-        encoding = io.text_encoding(encoding, 3)
+        encoding = io.text_encoding(encoding, 4)
     text = io.TextIOWrapper(buffer, encoding, errors, newline, line_buffering)
     text.mode = mode  # type: ignore[misc]
     return text

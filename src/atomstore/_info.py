@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import threading
 import time
 
 from . import _names
@@ -25,15 +26,20 @@ _VERSION = "1,"
 
 _counter = itertools.count()
 _pid = os.getpid()
+# The last time a name was given, in microseconds: a process never gives a
+# name older than its previous one, even when the clock is set back.
+_last_us = 0
+_clock_lock = threading.Lock()
 # Guards against a pid reused (containers) and a clock set back; drawn once
 # per process, since the counter already separates a process's names.
 _random = _names.random_hex(8)
 
 
 def _reset_after_fork() -> None:
-    global _pid, _random
+    global _pid, _random, _clock_lock
     _pid = os.getpid()
     _random = _names.random_hex(8)
+    _clock_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -56,9 +62,21 @@ def escape_hostname(hostname: str) -> str:
 
 
 def unique_name(host: str) -> str:
-    """A new unique name for the (escaped) ``host``."""
-    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
-    return f"{seconds}.M{micros:06d}P{_pid}Q{next(_counter)}R{_random}.{host}"
+    """A new unique name for the (escaped) ``host``.
+
+    Within a process every name sorts after the one before it: each gets a
+    microsecond of its own, later than the last one's even if the clock was
+    set back meanwhile.
+    """
+    global _last_us
+    with _clock_lock:
+        now = time.time_ns() // 1000
+        if now <= _last_us:
+            now = _last_us + 1
+        _last_us = now
+        count = next(_counter)
+    seconds, micros = divmod(now, 1_000_000)
+    return f"{seconds}.M{micros:06d}P{_pid}Q{count}R{_random}.{host}"
 
 
 def split_info(name: str) -> tuple[str, dict[str, str]]:

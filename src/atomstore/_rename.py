@@ -177,11 +177,13 @@ def _read(path: str) -> bytes | None:
 def _probe(directory: str) -> Capabilities | None:
     """Probe in a scratch directory; None where none can be made or used."""
     scratch = os.path.join(directory, _names.staging_name("probe", "tmp"))
+    # One try from before the directory exists: interrupted anywhere, the
+    # probe leaves nothing behind.
     try:
-        _syscalls.mkdir(scratch, 0o700)
-    except OSError:
-        return None  # cannot write here: the operation will say why
-    try:
+        try:
+            _syscalls.mkdir(scratch, 0o700)
+        except OSError:
+            return None  # cannot write here: the operation will say why
         if not _renameat2.AVAILABLE:
             _write_small(os.path.join(scratch, "a"), b"a")
             return Capabilities(False, False, _takes_links(scratch))
@@ -195,6 +197,14 @@ def _probe(directory: str) -> Capabilities | None:
 def _remove_scratch(scratch: str) -> None:
     # A probe must not fail the operation that asked for it: a scratch
     # directory that cannot be removed now is a staging name clean() removes.
+    try:
+        _remove_tree_quietly(scratch)
+    except BaseException:
+        _remove_tree_quietly(scratch)  # finished, then the interruption goes on
+        raise
+
+
+def _remove_tree_quietly(scratch: str) -> None:
     try:
         remove_tree(scratch)
     except OSError:

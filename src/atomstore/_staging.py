@@ -21,6 +21,35 @@ _ATTEMPTS = 100
 _COPY_CHUNK = 1 << 20
 
 
+class Temp:
+    """A staging file as it is made: its name, then its descriptor.
+
+    The caller makes one before anything exists and discards it if anything
+    raises: the name is known before the file is created, so an interruption
+    at any moment (KeyboardInterrupt, a signal handler's SystemExit) leaves
+    no file behind.
+    """
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.fd: int | None = None
+
+    def close(self) -> None:
+        """Close the descriptor, once."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            _close_quietly(fd)
+
+    def discard(self) -> None:
+        """Close the descriptor and remove the file: a cleanup path."""
+        self.close()
+        path, self.path = self.path, None
+        if path is not None:
+            unlink_quietly(path)
+
+
 def open_exclusive(path: str, perms: int | None = None) -> int:
     """Create ``path`` for writing; never an existing file, never a symlink.
 
@@ -38,6 +67,7 @@ def open_exclusive(path: str, perms: int | None = None) -> int:
 
 
 def open_temp(
+    into: Temp,
     directory: str,
     base: str,
     perms: int | None = None,
@@ -45,6 +75,9 @@ def open_temp(
     create_mode: int = 0o666,
 ) -> tuple[str, int]:
     """Create a hidden temporary file for ``base`` in ``directory``.
+
+    Its name is in ``into`` before it exists, its descriptor as soon as it
+    is open: the caller discards ``into`` on any error.
 
     :param perms: exact permission bits for the file.
     :param like: the file being replaced: its owner, group and (unless
@@ -56,23 +89,20 @@ def open_temp(
         writable).
     """
     for _ in range(_ATTEMPTS):
-        temp = f"{directory}/{_names.staging_name(base, 'tmp')}"
+        temp = into.path = f"{directory}/{_names.staging_name(base, 'tmp')}"
         try:
-            fd = _syscalls.open(temp, FILE_FLAGS, create_mode if perms is None else perms)
+            fd = into.fd = _syscalls.open(temp, FILE_FLAGS, create_mode if perms is None else perms)
         except FileExistsError:
+            into.path = None  # another's: never ours to remove
             continue
         except OSError as e:
             # The name is ours alone: if the error came after the file was
             # made (a lost reply), it goes.
-            unlink_quietly(temp)
+            into.discard()
             # The temporary name means nothing to the caller: name the directory.
             raise OSError(e.errno, e.strerror, directory) from None
         if perms is not None or like is not None:
-            try:
-                _copy_metadata(fd, perms, like)
-            except BaseException:
-                discard(temp, fd)
-                raise
+            _copy_metadata(fd, perms, like)
         return temp, fd
     raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
 
@@ -107,26 +137,26 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[written:]
 
 
-def fill(
-    temp: str, fd: int, data: bytes | bytearray | memoryview | IO[bytes], durable: bool
-) -> None:
-    """Write ``data`` to ``fd``, fsync it if ``durable``, and close it.
+def fill(staged: Temp, data: bytes | bytearray | memoryview | IO[bytes], durable: bool) -> None:
+    """Write ``data`` to the open ``staged`` file, fsync it if ``durable``,
+    and close it.
 
     ``data`` is bytes, or a binary file copied in chunks.  On any failure the
-    descriptor is closed and ``temp`` removed.
+    file is discarded.
     """
+    fd = staged.fd
+    assert fd is not None
     try:
         if isinstance(data, (bytes, bytearray, memoryview)):
             write_all(fd, data)
         else:
             copy_stream(data, fd)
+        if durable:
+            _syscalls.fsync(fd)
+        staged.fd = None
+        _syscalls.close(fd)
     except BaseException:
-        discard(temp, fd)
-        raise
-    try:
-        sync_and_close(fd, durable)
-    except BaseException:
-        unlink_quietly(temp)
+        staged.discard()
         raise
 
 

@@ -234,7 +234,7 @@ class FileStore:
         try:
             return _fileobj.open_fd(fd, mode, path, buffering, encoding, errors, newline)
         except BaseException:
-            _staging.discard(path, fd)
+            _staging.unlink_quietly(path)  # open_fd closed the descriptor
             raise
 
     def list(self, area: str) -> builtins.list[str]:
@@ -298,13 +298,19 @@ class FileStore:
         source, target = os.path.join(src_dir, name), os.path.join(dst_dir, name)
         if not overwrite and os.path.lexists(target):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
-        with open_regular(source, "rb", buffering=0) as src_file:
-            # As cp(1): the source's mode minus the umask, unless the store
-            # sets the mode.
-            mode = stat.S_IMODE(os.fstat(src_file.fileno()).st_mode) & 0o777
-            temp, fd = _staging.open_temp(dst_dir, name, self.mode, create_mode=mode)
-            _staging.fill(temp, fd, src_file, self.durable)
-        _staging.publish(temp, target, None if overwrite else self._capabilities(), self.durable)
+        staged = _staging.Temp()
+        try:
+            with open_regular(source, "rb", buffering=0) as src_file:
+                # As cp(1): the source's mode minus the umask, unless the
+                # store sets the mode.
+                mode = stat.S_IMODE(os.fstat(src_file.fileno()).st_mode) & 0o777
+                temp, _ = _staging.open_temp(staged, dst_dir, name, self.mode, create_mode=mode)
+                _staging.fill(staged, src_file, self.durable)
+            caps = None if overwrite else self._capabilities()
+            _staging.publish(temp, target, caps, self.durable)
+        except BaseException:
+            staged.discard()
+            raise
 
     def remove(self, name: str, area: str) -> None:
         """Remove the file ``name`` from ``area``.
@@ -322,10 +328,13 @@ class FileStore:
     def unique_name(self) -> str:
         """A new maildir-style name, unique across threads, processes and hosts.
 
-        ``<seconds>.M<microseconds>P<pid>Q<counter>R<random>.<host>``: names
-        sort by time, the counter separates calls of one process, the host
-        separates machines sharing a filesystem, and the random part guards
-        against pids reused (containers) and clocks set back.
+        ``<seconds>.M<microseconds>P<pid>Q<counter>R<random>.<host>``.  The
+        names one process gives sort in the order it gave them: each gets a
+        microsecond of its own, never earlier than the last one's, even when
+        the clock is set back.  Names of different processes and hosts sort
+        by their clocks.  The counter separates threads, the host separates
+        machines sharing a filesystem, and the random part guards against
+        pids reused (containers).
         """
         return _info.unique_name(self._host)
 
@@ -339,13 +348,19 @@ class FileStore:
         :param data: bytes, a str encoded with ``encoding``, or a binary
             file object, which is copied in chunks (memory stays flat).
         """
-        name, temp = self._stage(data, encoding)
+        staged = _staging.Temp()
         try:
+            name = self._stage(staged, data, encoding)
             new_dir = self._checked("new")
+            _staging.publish(
+                f"{self._dirs['tmp']}/{name}",
+                f"{new_dir}/{name}",
+                self._capabilities(),
+                self.durable,
+            )
         except BaseException:
-            _staging.unlink_quietly(temp)
+            staged.discard()
             raise
-        _staging.publish(temp, f"{new_dir}/{name}", self._capabilities(), self.durable)
         return name
 
     def add_many(self, items: Iterable[Data], encoding: str = "utf-8") -> builtins.list[str]:
@@ -367,8 +382,9 @@ class FileStore:
         """A :class:`Batch`: add messages, publish them all when it closes."""
         return Batch(self)
 
-    def _stage(self, data: Data, encoding: str) -> tuple[str, str]:
-        """Write ``data`` complete (and synced) in ``tmp/``: (name, path)."""
+    def _stage(self, staged: _staging.Temp, data: Data, encoding: str) -> str:
+        """Write ``data`` complete (and synced) in ``tmp/`` as ``staged``;
+        return its name.  The caller discards ``staged`` on any error."""
         if isinstance(data, str):
             data = data.encode(encoding)
         elif isinstance(data, io.TextIOBase):
@@ -377,24 +393,27 @@ class FileStore:
             raise TypeError(
                 f"data must be bytes-like, str or a binary file, not {type(data).__name__}"
             )
-        name, temp, fd = self._open_unique()
-        _staging.fill(temp, fd, data, self.durable)
-        return name, temp
+        name = self._open_unique(staged)
+        _staging.fill(staged, data, self.durable)
+        return name
 
-    def _open_unique(self) -> tuple[str, str, int]:
-        """A new file in ``tmp/`` under a unique name: (name, path, fd)."""
+    def _open_unique(self, staged: _staging.Temp) -> str:
+        """A new file in ``tmp/`` under a unique name, as ``staged``."""
         tmp_dir = self._checked("tmp")
         while True:
             name = self.unique_name()
-            temp = f"{tmp_dir}/{name}"
+            temp = staged.path = f"{tmp_dir}/{name}"
             try:
-                return name, temp, _staging.open_exclusive(temp, self.mode)
+                staged.fd = _staging.open_exclusive(temp, self.mode)
+                return name
             except FileExistsError:  # pragma: no cover - the random part repeated
+                staged.path = None  # another's
                 continue
             except FileNotFoundError:
+                staged.path = None
                 raise self._not_prepared("tmp") from None
             except OSError as e:
-                _staging.unlink_quietly(temp)  # ours alone, if it was made
+                staged.discard()  # ours alone, if it was made
                 # The fresh name means nothing to the caller: name the area.
                 raise OSError(e.errno, e.strerror, self._dirs["tmp"]) from None
 
@@ -555,12 +574,14 @@ class FileStore:
         path = os.path.join(self._dirs["cur"], name)
         return Claim(self, base, path, _info.attempts(fields), claimed_at, token)
 
-    def _give_back(self, source: str, base: str, attempts: int) -> str:
+    def _give_back(self, source: str, base: str, attempts: int, *, spent: bool = True) -> str:
         """Move a claimed file back to ``new/``, or to ``dead/`` when spent.
 
+        :param spent: whether ``attempts`` may send it to ``dead/``.
         :returns: the file's new path.
         """
-        area = "dead" if self.max_attempts is not None and attempts >= self.max_attempts else "new"
+        limit = self.max_attempts
+        area = "dead" if spent and limit is not None and attempts >= limit else "new"
         if area == "dead":
             self._make_dead()
         self._checked("cur"), self._checked(area)

@@ -102,6 +102,10 @@ def _follow(link: str) -> tuple[str, os.stat_result | None]:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:  # pragma: no cover - no /proc
             target = os.path.realpath(link)
+        if not target.startswith("/"):
+            # Not in any directory ("pipe:[4026]", "socket:[...]": what
+            # /dev/stdout leads to): name it as the caller did.
+            target = link
     finally:
         os.close(fd)
     return target, st
@@ -210,25 +214,27 @@ def file(
         dest, current = fspath(path), None
         _refuse_existing(dest)
     directory, base = _split(dest)
-    temp, fd = _staging.open_temp(directory, base, perms, current)
+    # One try from before the file exists to its publication: interrupted
+    # anywhere, nothing is left behind.
+    staged = _staging.Temp()
+    f: IO[Any] | None = None
     try:
+        temp, fd = _staging.open_temp(staged, directory, base, perms, current)
+        staged.fd = None  # the file object owns it, and closes it on failure
         f = _fileobj.open_fd(fd, mode, temp, buffering, encoding, errors, newline)
-    except BaseException:
-        _staging.discard(temp, fd)
-        raise
-    try:
         yield f
         caps = _finish(f, temp, directory, overwrite, durable)
         if overwrite:
             # The block may have run long: whatever took the name meanwhile
             # must still be a file this may replace.
             _recheck(dest)
+        _staging.publish(temp, dest, caps, durable)
     except BaseException:
-        with contextlib.suppress(Exception):
-            f.close()
-        _staging.unlink_quietly(temp)
+        if f is not None:
+            with contextlib.suppress(Exception):
+                f.close()
+        staged.discard()
         raise
-    _staging.publish(temp, dest, caps, durable)
 
 
 def _finish(
@@ -276,17 +282,18 @@ def write_bytes(
     else:
         dest, current = fspath(path), None
     directory, base = _split(dest)
-    temp, fd = _staging.open_temp(directory, base, perms, current)
+    staged = _staging.Temp()
     try:
+        temp, fd = _staging.open_temp(staged, directory, base, perms, current)
         caps = _no_clobber_caps(directory, fd, overwrite)
-    except BaseException:
-        _staging.discard(temp, fd)
-        raise
-    _staging.fill(temp, fd, data, durable)
-    try:
+        _staging.fill(staged, data, durable)
         _staging.publish(temp, dest, caps, durable)
     except FileExistsError:
+        staged.discard()
         _refuse_existing(dest)  # a directory is named as such
+        raise
+    except BaseException:
+        staged.discard()
         raise
 
 
@@ -338,21 +345,21 @@ def _existing_dir(dest: str) -> os.stat_result | None:
     return st
 
 
-def _make_staging(parent: str, base: str, current: os.stat_result | None) -> str:
+def _make_staging(into: list[str], parent: str, base: str, current: os.stat_result | None) -> str:
+    """Make the staging directory; its name is in ``into`` before it exists,
+    so that an interruption at any moment leaves nothing behind."""
     for _ in range(100):
         staging = os.path.join(parent, _names.staging_name(base, "new"))
+        into.append(staging)
         try:
             _syscalls.mkdir(staging, 0o777)
         except FileExistsError:
+            into.pop()  # another's
             continue
         except OSError as e:
             raise OSError(e.errno, e.strerror, parent) from None
         if current is not None:
-            try:
-                _syscalls.chmod(staging, stat.S_IMODE(current.st_mode))
-            except BaseException:
-                _remove_quietly(staging)
-                raise
+            _syscalls.chmod(staging, stat.S_IMODE(current.st_mode))
         return staging
     raise FileExistsError(errno.EEXIST, "no free staging name", parent)
 
@@ -362,6 +369,16 @@ def _remove_quietly(path: str) -> None:
         _tree.remove_tree(path)
     except OSError:
         pass  # left under its staging name for clean()
+
+
+def _remove_surely(path: str) -> None:
+    """:func:`_remove_quietly`, finished even when interrupted (and the
+    interruption raised again): a tree half removed is no tree to leave."""
+    try:
+        _remove_quietly(path)
+    except BaseException:
+        _remove_quietly(path)
+        raise
 
 
 @contextlib.contextmanager
@@ -404,9 +421,10 @@ def folder(
     current = _existing_dir(dest)
     if current is not None and not overwrite:
         raise _exists(dest)
-    staging = _make_staging(parent, base, current)
+    made: list[str] = []
     old: str | None = None
     try:
+        staging = _make_staging(made, parent, base, current)
         yield Path(staging)
         if durable:
             _tree.sync_tree(staging)
@@ -414,14 +432,15 @@ def folder(
         if durable:
             _tree.sync_dir(parent)
     except BaseException:
-        _remove_quietly(staging)
+        for staging in made:
+            _remove_surely(staging)
         if old is not None:
             # Published, then the parent's fsync failed: the old tree, moved
             # aside by the fallback, is no longer wanted either.
-            _remove_quietly(old)
+            _remove_surely(old)
         raise
     if old is not None:
-        _remove_quietly(old)
+        _remove_surely(old)
 
 
 def _publish_tree(staging: str, dest: str, overwrite: bool, allow_fallback: bool) -> str | None:
