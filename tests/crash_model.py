@@ -46,6 +46,9 @@ MAX_LAYOUTS = 1 << 14
 MAX_STATES_PER_POINT = 1 << 16
 
 
+_TMPFILE = getattr(os, "O_TMPFILE", 0)
+
+
 class ModelError(Exception):
     """The recorded calls do something the model does not cover."""
 
@@ -298,6 +301,9 @@ class Replay:
                 raise ModelError(f"link of {args[0]!r}, missing in the model, succeeded")
             parent, new = self._locate(args[1], None)
             self._change(seq, parent, (new, linked))
+        elif name == "link_fd":
+            parent, new = self._locate(args[1], None)
+            self._change(seq, parent, (new, self.fds[args[0]][0]))
         elif name in ("unlink", "rmdir"):
             parent, old = self._locate(args[0], kwargs.get("dir_fd"))
             self._change(seq, parent, (old, None))
@@ -308,6 +314,11 @@ class Replay:
             raise ModelError(f"no model for {name}{args}")
 
     def _open(self, seq: int, path: str, flags: int, dir_fd: int | None, fd: int) -> None:
+        if _TMPFILE and flags & _TMPFILE == _TMPFILE:
+            # An unnamed file in the directory ``path``: no entry until a
+            # link_fd names it.
+            self.fds[fd] = [self._new(False), 0]
+            return
         ino = self._lookup(path, dir_fd)
         if ino is None:
             if not flags & os.O_CREAT:

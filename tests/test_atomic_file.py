@@ -15,7 +15,7 @@ import pytest
 from atomstore import atomic
 from atomstore._rename import Capabilities
 from fstree import listing
-from tracing import Recorder
+from tracing import Recorder, named_staging
 
 
 @pytest.fixture
@@ -448,7 +448,8 @@ def test_no_clobber_commit_uses_link_fallback(
     tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
 ) -> None:
     force_caps(noreplace=False, exchange=False)
-    atomic.write_bytes(tmp_path / "a", b"x")
+    with named_staging():
+        atomic.write_bytes(tmp_path / "a", b"x")
     assert trace.count("renameat2") == 0
     assert trace.count("link") == 1
     assert (tmp_path / "a").read_bytes() == b"x"

@@ -31,13 +31,13 @@ from atomstore import Claim, FileStore, _rename, atomic
 from atomstore._info import split_info
 from atomstore._rename import Capabilities
 from crash_model import pretend, scan
-from tracing import Call, Recorder
+from tracing import Call, Recorder, named_staging
 
 PAYLOAD = b"the new content, longer than one short write"
 OLD = b"old content"
 NO_RENAME_FLAGS = Capabilities(noreplace=False, exchange=False, hardlinks=True)
 NO_EXCHANGE = Capabilities(noreplace=True, exchange=False, hardlinks=True)
-_PUBLISHING = frozenset({"rename", "renameat2", "link"})
+_PUBLISHING = frozenset({"rename", "renameat2", "link", "link_fd"})
 _UNIQUE = re.compile(r"^\d+\.M\d{6}P\d+Q\d+R[0-9a-f]{8}\.")
 
 Listing = list[tuple[str, "bytes | None"]]
@@ -151,6 +151,16 @@ def write_folder(overwrite: bool) -> Callable[[Work], object]:
     return act
 
 
+def named(act: Callable[[Work], object]) -> Callable[[Work], object]:
+    """``act`` staging under hidden names, as where O_TMPFILE is missing."""
+
+    def run(work: Work) -> object:
+        with named_staging():
+            return act(work)
+
+    return run
+
+
 def give_back(work: Work) -> object:
     os.utime(work.c.path, (0, 0))
     return work.s.recover(0)
@@ -162,6 +172,11 @@ OPS = {
         Op("file new", empty, write_file(False)),
         Op("file overwrite", with_file, write_file(True)),
         Op("write_bytes new", empty, lambda w: atomic.write_bytes(w.root / "f", PAYLOAD)),
+        Op(
+            "write_bytes new, named",
+            empty,
+            named(lambda w: atomic.write_bytes(w.root / "f", PAYLOAD)),
+        ),
         Op(
             "write_bytes overwrite",
             with_file,
@@ -290,7 +305,15 @@ def test_each_failed_fsync_is_reported_and_never_retried(
 
 # -- write ----------------------------------------------------------------------
 
-WRITERS = ["file new", "file overwrite", "write_bytes new", "add", "add_many", "copy"]
+WRITERS = [
+    "file new",
+    "file overwrite",
+    "write_bytes new",
+    "write_bytes new, named",
+    "add",
+    "add_many",
+    "copy",
+]
 
 
 @pytest.mark.parametrize("name", WRITERS)
@@ -327,7 +350,7 @@ def test_short_writes_are_completed(start: Callable[[Op], Run], trace: Recorder,
 
 NO_CLOBBER = [
     "file new",
-    "write_bytes new",
+    "write_bytes new, named",
     "folder new",
     "add",
     "add_many",

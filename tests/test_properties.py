@@ -43,7 +43,7 @@ from hypothesis.stateful import (
 
 from atomstore import Claim, ClaimLostError, FileStore, _rename, _syscalls, atomic
 from atomstore._rename import Capabilities
-from tracing import Recorder
+from tracing import Recorder, named_staging
 
 # Where the machines write: tmpfs if there is one (fsync costs nothing
 # there, and a run makes thousands of files).
@@ -870,7 +870,8 @@ def test_a_probe_failing_to_clean_up_fails_no_write(
     # error removing it is not the write's error: the write succeeds and the
     # scratch, under a staging name, is left for clean().
     trace.fail("rmdir", errno.EIO)
-    atomic.write_bytes(tmp_path / "x", b"data")
+    with named_staging():
+        atomic.write_bytes(tmp_path / "x", b"data")
     assert (tmp_path / "x").read_bytes() == b"data"
     (left,) = [n for n in os.listdir(tmp_path) if n != "x"]
     assert left.startswith(".probe.atomstore-")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from atomstore import _syscalls
+from atomstore import _staging, _syscalls
 
-_FD_CALLS = frozenset({"write", "fsync", "close", "fchmod", "fchown"})
+# open(2) with O_TMPFILE makes an unnamed file in the directory it names.
+ANONYMOUS = getattr(os, "O_TMPFILE", -1)
+ANONYMOUS_NAME = "(unnamed)"
+
+_FD_CALLS = frozenset({"write", "fsync", "close", "fchmod", "fchown", "link_fd"})
 
 
 @dataclass
@@ -71,7 +77,10 @@ class Recorder:
             call.error = e
             raise
         if name == "open":
-            self.fds[call.result] = call.path(self.fds)
+            path = call.path(self.fds)
+            if args[1] & ANONYMOUS == ANONYMOUS:
+                path = os.path.join(path, ANONYMOUS_NAME)  # an unnamed file in it
+            self.fds[call.result] = path
         if fault is not None:
             call.error = OSError(fault.error, os.strerror(fault.error), _filename(args))
             raise call.error
@@ -109,3 +118,15 @@ class Recorder:
 
 def _filename(args: tuple[Any, ...]) -> Any:
     return args[0] if args and isinstance(args[0], str) else None
+
+
+@contextlib.contextmanager
+def named_staging() -> Iterator[None]:
+    """Stage under hidden names, as where O_TMPFILE is missing (NFS, most
+    FUSE, old kernels), for the block."""
+    previous = _staging._O_TMPFILE
+    _staging._O_TMPFILE = 0
+    try:
+        yield
+    finally:
+        _staging._O_TMPFILE = previous

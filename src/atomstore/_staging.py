@@ -17,6 +17,14 @@ from . import _names, _rename, _syscalls, _tree
 from ._rename import Capabilities
 
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+ANONYMOUS_FLAGS = _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+# O_TMPFILE refused: by the filesystem (EOPNOTSUPP: NFS, most FUSE), or by a
+# kernel older than 3.11, which sees O_DIRECTORY|O_RDWR (EISDIR, EINVAL).
+_TMPFILE_REFUSED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL})
+# Directories whose filesystem refused O_TMPFILE: they stage under names.
+_named_only: set[str] = set()
+_NAMED_ONLY_MAX = 4096
 _ATTEMPTS = 100
 _COPY_CHUNK = 1 << 20
 
@@ -48,6 +56,57 @@ class Temp:
         path, self.path = self.path, None
         if path is not None:
             unlink_quietly(path)
+
+
+def open_anonymous(into: Temp, directory: str, perms: int | None = None) -> bool:
+    """Create an unnamed file in ``directory`` (O_TMPFILE) as ``into``.
+
+    Nothing is ever left of it unless :func:`link_anonymous` names it: a
+    process killed at any moment leaves no file.
+
+    :returns: False where the filesystem, the kernel or a missing /proc do
+        not allow it (remembered for ``directory``): stage under a name.
+    :raises OSError: naming ``directory`` (missing, not writable).
+    """
+    if not _O_TMPFILE or directory in _named_only or not _syscalls.can_link_fd():
+        return False
+    try:
+        into.fd = _syscalls.open(directory, ANONYMOUS_FLAGS, 0o666 if perms is None else perms)
+    except OSError as e:
+        if e.errno in _TMPFILE_REFUSED:
+            if len(_named_only) >= _NAMED_ONLY_MAX:
+                _named_only.clear()
+            _named_only.add(directory)
+            return False
+        raise OSError(e.errno, e.strerror, directory) from None
+    if perms is not None:
+        _syscalls.fchmod(into.fd, perms)
+    return True
+
+
+def link_anonymous(staged: Temp, dest: str, durable: bool) -> None:
+    """Sync the unnamed ``staged`` file (``durable``), name it ``dest``, close
+    it, and sync the directory (``durable``).  Never replaces: EEXIST.
+
+    On any failure ``staged`` is discarded.
+    """
+    fd = staged.fd
+    assert fd is not None
+    try:
+        if durable:
+            _syscalls.fsync(fd)
+        try:
+            _syscalls.link_fd(fd, dest)
+        except OSError as e:
+            # Named by the destination, not by the descriptor's number.
+            raise OSError(e.errno, e.strerror, dest) from None
+        staged.fd = None
+        _syscalls.close(fd)
+    except BaseException:
+        staged.discard()
+        raise
+    if durable:
+        _tree.sync_dir(os.path.dirname(dest) or ".")
 
 
 def open_exclusive(path: str, perms: int | None = None) -> int:

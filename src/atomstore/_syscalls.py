@@ -42,6 +42,47 @@ else:
     _fsync = os.fsync
 
 
+# /proc/self/fd, open once per process: linkat() through it gives a name to
+# a file opened with O_TMPFILE (open(2), "O_TMPFILE").  -1: not open yet;
+# -2: there is no /proc here.
+_proc_fd = -1
+
+
+def _proc_self_fd() -> int:
+    global _proc_fd
+    fd = _proc_fd
+    if fd == -1:
+        try:
+            fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            fd = -2
+        _proc_fd = fd
+    return fd
+
+
+def can_link_fd() -> bool:
+    """Whether :func:`link_fd` can work here (a /proc to link through)."""
+    return _proc_self_fd() >= 0
+
+
+def _forget_proc_fd() -> None:
+    # A forked child's descriptor still shows its parent's descriptors.
+    global _proc_fd
+    fd, _proc_fd = _proc_fd, -1
+    if fd >= 0:
+        os.close(fd)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_proc_fd)
+
+
+def _link_fd(fd: int, dst: str) -> None:
+    """Give the open file ``fd`` the name ``dst``: linkat(2) through
+    /proc/self/fd with AT_SYMLINK_FOLLOW.  Never replaces (EEXIST)."""
+    os.link(str(fd), dst, src_dir_fd=_proc_self_fd(), follow_symlinks=True)
+
+
 # The calls, by the names tracers see.  ``open`` is used to create or write a
 # file, and to open a directory to sync (so that a tracer can tell which path
 # a descriptor and a ``dir_fd`` stand for); ``write`` writes once, and the
@@ -57,6 +98,7 @@ _CALLS: dict[str, Callable[..., Any]] = {
     "rename": os.rename,
     "renameat2": _renameat2.renameat2,
     "link": os.link,
+    "link_fd": _link_fd,
     "unlink": os.unlink,
     "mkdir": os.mkdir,
     "rmdir": os.rmdir,
@@ -72,6 +114,7 @@ fchown: Callable[[int, int, int], None] = os.fchown
 rename: Callable[[str, str], None] = os.rename
 renameat2: Callable[[str, str, int], None] = _renameat2.renameat2
 link: Callable[[str, str], None] = os.link
+link_fd: Callable[[int, str], None] = _link_fd
 unlink: Callable[..., None] = os.unlink
 mkdir: Callable[..., None] = os.mkdir
 rmdir: Callable[..., None] = os.rmdir

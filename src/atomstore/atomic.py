@@ -284,6 +284,12 @@ def write_bytes(
     directory, base = _split(dest)
     staged = _staging.Temp()
     try:
+        if not overwrite and _staging.open_anonymous(staged, directory, perms):
+            # A new name: the file needs no name before it is complete, and
+            # link() never replaces anything.
+            _staging.write_all(staged.fd, data)  # type: ignore[arg-type]
+            _staging.link_anonymous(staged, dest, durable)
+            return
         temp, fd = _staging.open_temp(staged, directory, base, perms, current)
         caps = _no_clobber_caps(directory, fd, overwrite)
         _staging.fill(staged, data, durable)
