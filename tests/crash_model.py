@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 from atomstore import Claim, FileStore, _rename, _syscalls
 from atomstore._rename import Capabilities
 from atomstore._renameat2 import RENAME_EXCHANGE
-from tracing import Call, Recorder
+from tracing import Call, Recorder, named_staging
 
 State = dict[str, Optional[bytes]]
 """A directory's contents: relative path -> file bytes, None for a directory."""
@@ -114,16 +114,22 @@ class _SteadyMounts(_rename._MountWatch):
 
 @contextlib.contextmanager
 def pretend(directory: Path, caps: Capabilities | None) -> Iterator[None]:
-    """Make the filesystem of ``directory`` report ``caps`` (None: as probed)."""
+    """Make the filesystem of ``directory`` report ``caps`` (None: as probed).
+
+    A filesystem pretending to lack renameat2 flags lacks O_TMPFILE too, as
+    NFS and FUSE do: writes stage under names there.
+    """
     saved, watch = dict(_rename._cache), _rename._mounts
     _rename._mounts = _SteadyMounts()
     try:
-        if caps is not None:
-            _rename._cache[os.stat(directory).st_dev] = caps
-        else:
-            # Probe now, so that the probe's own calls stay out of a recording.
-            _rename.capabilities(str(directory))
-        yield
+        with contextlib.ExitStack() as stack:
+            if caps is not None:
+                _rename._cache[os.stat(directory).st_dev] = caps
+                stack.enter_context(named_staging())
+            else:
+                # Probe now, so that the probe's own calls stay out of a recording.
+                _rename.capabilities(str(directory))
+            yield
     finally:
         _rename._mounts = watch
         _rename._cache.clear()

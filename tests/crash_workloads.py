@@ -30,6 +30,8 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 NO_RENAME_FLAGS = Capabilities(noreplace=False, exchange=False, hardlinks=True)
 NOTHING = Capabilities(noreplace=False, exchange=False, hardlinks=False)
 NO_EXCHANGE = Capabilities(noreplace=True, exchange=False, hardlinks=True)
+# Every renameat2 flag, but no O_TMPFILE: writes stage under hidden names.
+NAMED_ONLY = Capabilities(noreplace=True, exchange=True, hardlinks=True)
 
 
 # -- setups --------------------------------------------------------------------
@@ -497,6 +499,13 @@ WORKLOADS: tuple[Workload, ...] = (
         file_chunks("f", [b"a" * 4000, b"b" * 5000, b"c" * 200], overwrite=True),
         initial=OLD,
     ),
+    _file("write_bytes: new, named staging", files(), write_bytes("f", NEW), caps=NAMED_ONLY),
+    _file(
+        "file: new, named staging",
+        files(),
+        file_chunks("f", [b"abc", b"defgh"]),
+        caps=NAMED_ONLY,
+    ),
     _file("write_bytes: link fallback", files(), write_bytes("f", NEW), caps=NO_RENAME_FLAGS),
     _file("write_bytes: no links", files(), write_bytes("f", NEW), caps=NOTHING),
     _folder("folder: new", files(), folder("site", TREE_V1)),
@@ -550,6 +559,7 @@ WORKLOADS: tuple[Workload, ...] = (
         finish("c1"),
     ),
     _store("store: add by link", store(), add(b"linked"), caps=NO_RENAME_FLAGS),
+    _store("store: add, named staging", store(), add(b"m1"), add(b"m2"), caps=NAMED_ONLY),
     _store("store: add_many 3", store(), add_many(b"one", b"two", b"three")),
     _store(
         "store: release to dead/",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import os
 import re
 import stat
@@ -15,7 +17,7 @@ import pytest
 from atomstore import atomic
 from atomstore._rename import Capabilities
 from fstree import listing
-from tracing import Recorder, named_staging
+from tracing import ANONYMOUS_NAME, Recorder, named_staging
 
 
 @pytest.fixture
@@ -114,14 +116,29 @@ def test_empty_path_and_nul_refused(tmp_path: Path) -> None:
     assert listing(tmp_path) == []
 
 
-def test_temp_is_hidden_in_the_destination_directory(tmp_path: Path, trace: Recorder) -> None:
+def test_a_new_file_has_no_name_until_it_is_complete(tmp_path: Path, trace: Recorder) -> None:
     dest = tmp_path / "report.csv"
     with atomic.file(dest) as f:
+        f.write("a,b\n")
+        assert listing(tmp_path) == []  # O_TMPFILE: nothing to see, nothing to leave
+        assert f.name == str(dest)
+    assert dest.read_text() == "a,b\n"
+    (opened,) = [c for c in trace.named("open") if c.args[1] & os.O_TMPFILE == os.O_TMPFILE]
+    assert opened.args[0] == str(tmp_path)
+    assert [c.args[1] for c in trace.named("link_fd")] == [str(dest)]
+
+
+def test_temp_is_hidden_in_the_destination_directory(tmp_path: Path, trace: Recorder) -> None:
+    # Where O_TMPFILE is missing, and always when replacing.
+    dest = tmp_path / "report.csv"
+    with named_staging(), atomic.file(dest) as f:
         (temp,) = listing(tmp_path)
         assert temp.startswith(".report.csv.atomstore-")
         assert temp.endswith(".tmp")
         assert f.name == str(tmp_path / temp)
-    (opened,) = [c for c in trace.named("open") if c.args[0].endswith(".tmp")]
+    (opened,) = [
+        c for c in trace.named("open") if os.path.basename(c.args[0]).startswith(".report.csv.")
+    ]
     flags = opened.args[1]
     for flag in (os.O_CREAT, os.O_EXCL, os.O_NOFOLLOW, os.O_CLOEXEC, os.O_WRONLY):
         assert flags & flag == flag
@@ -326,21 +343,28 @@ def test_file_closed_inside_the_block(tmp_path: Path, trace: Recorder) -> None:
     assert listing(tmp_path) == ["closed"]
 
 
+@pytest.mark.parametrize("named", [False, True])
 def test_durable_write_makes_one_file_and_one_directory_fsync(
-    tmp_path: Path, trace: Recorder
+    tmp_path: Path, trace: Recorder, named: bool
 ) -> None:
     atomic.capabilities(tmp_path / "x")  # probe outside the count
     trace.calls.clear()
     dest = tmp_path / "durable"
-    with atomic.file(dest) as f:
-        f.write("x" * 100_000)
+    with contextlib.ExitStack() as stack:
+        if named:
+            stack.enter_context(named_staging())
+        with atomic.file(dest) as f:
+            f.write("x" * 100_000)
     synced = trace.fsynced_paths()
     assert len(synced) == 2
-    assert os.path.basename(synced[0]).startswith(".durable.atomstore-")
+    if named:
+        assert os.path.basename(synced[0]).startswith(".durable.atomstore-")
+    else:
+        assert synced[0] == str(tmp_path / ANONYMOUS_NAME)
     assert synced[1] == str(tmp_path)
-    # fsync before the rename, the directory after it
-    names = [c.name for c in trace.calls if c.name in ("fsync", "renameat2", "rename")]
-    assert names == ["fsync", "renameat2", "fsync"]
+    # fsync before the name is given, the directory after it
+    names = [c.name for c in trace.calls if c.name in ("fsync", "renameat2", "rename", "link_fd")]
+    assert names == ["fsync", "renameat2" if named else "link_fd", "fsync"]
 
 
 def test_write_bytes_durable_fsync_count(tmp_path: Path, trace: Recorder) -> None:
@@ -459,3 +483,21 @@ def test_no_clobber_commit_uses_link_fallback(
             (tmp_path / "b").write_text("theirs")
     assert (tmp_path / "b").read_text() == "theirs"
     assert listing(tmp_path) == ["a", "b"]
+
+
+def test_an_abandoned_file_leaves_no_buffer_to_spill_into_another_file(tmp_path: Path) -> None:
+    # The file object does not own its descriptor; were it left open with
+    # buffered data when its block raised, collecting it later would write
+    # that data to whatever file has the descriptor's number by then.
+    kept: list[object] = []
+    with pytest.raises(RuntimeError), atomic.file(tmp_path / "a", "wb") as f:
+        kept.append(f)  # as an application might
+        f.write(b"x" * 100)  # buffered
+        raise RuntimeError("abandoned")
+    with atomic.file(tmp_path / "b", "wb") as g:  # gets the same number
+        kept.clear()
+        del f
+        gc.collect()
+        g.write(b"payload")
+    assert (tmp_path / "b").read_bytes() == b"payload"
+    assert listing(tmp_path) == ["b"]

@@ -25,6 +25,7 @@ from atomstore import FileStore, atomic
 from atomstore._rename import Capabilities
 from forked import call_as
 from needs import need_root, need_tool
+from tracing import named_staging
 
 NOBODY = 65534
 
@@ -358,10 +359,23 @@ def test_store_under_a_file(tmp_path: Path) -> None:
     assert (tmp_path / "file").read_text() == "keep"
 
 
+def named(call: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with named_staging():
+            return call()
+
+    return run
+
+
 def area_calls(store: FileStore, area: str) -> list[Callable[[], object]]:
     """Calls that need ``area`` to be a directory."""
     if area == "tmp":
-        return [lambda: store.create("x"), lambda: store.add(b"x"), lambda: store.list("tmp")]
+        # add() stages in tmp/ only where O_TMPFILE is missing.
+        return [
+            lambda: store.create("x"),
+            named(lambda: store.add(b"x")),
+            lambda: store.list("tmp"),
+        ]
     if area == "new":
         return [lambda: store.add(b"x"), lambda: store.list("new"), lambda: store.claim()]
     return [lambda: store.claim(), lambda: store.recover(0), lambda: store.list("cur")]
@@ -533,7 +547,7 @@ def test_unwritable_store_and_destination(shared_dir: Path) -> None:
     denied = {label: (kind, code) for label, (kind, code, _, _) in found.items()}
     assert denied == dict.fromkeys(found, ("PermissionError", errno.EACCES))
     names = {label: (f1, f2) for label, (_, _, f1, f2) in found.items()}
-    assert names["add"] == (tmp, None)
+    assert names["add"] == (new, None)  # where it makes its unnamed file
     assert names["create"] == (os.path.join(tmp, "x"), None)
     assert names["move"][0] == os.path.join(new, waiting)
     assert names["claim"][0] == os.path.join(new, waiting)

@@ -23,7 +23,7 @@ from atomstore import FileStore, _cli, _names, atomic
 from atomstore._info import join_info, split_info
 from fstree import listing
 from needs import need
-from tracing import Recorder
+from tracing import ANONYMOUS_NAME, Recorder
 
 COMMANDS = (
     "write",
@@ -245,7 +245,9 @@ def _stream_one_chunk(dest: Path, *args: str) -> subprocess.Popen[bytes]:
 
     def first_chunk_written() -> bool:
         temps = staging_files(dest.parent)
-        return bool(temps) and os.path.getsize(dest.parent / temps[0]) >= MiB
+        if temps:
+            return os.path.getsize(dest.parent / temps[0]) >= MiB
+        return unnamed_file_size(proc.pid, dest.parent) >= MiB
 
     assert wait_for(first_chunk_written), listing(dest.parent)
     return proc
@@ -299,9 +301,20 @@ def test_write_interrupted_mid_stream_leaves_nothing(
     assert listing(tmp_path) == ["report"]
 
 
-def test_write_killed_mid_stream_leaves_only_a_hidden_temp(tmp_path: Path) -> None:
+def test_write_killed_mid_stream_leaves_nothing_of_a_new_file(tmp_path: Path) -> None:
+    # Written without a name (O_TMPFILE): the file dies with the process.
     dest = tmp_path / "report"
     proc = _stream_one_chunk(dest)
+    proc.kill()
+    _finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert listing(tmp_path) == []
+
+
+def test_write_killed_mid_stream_leaves_only_a_hidden_temp(tmp_path: Path) -> None:
+    # Replacing needs a name for the new version before the rename.
+    dest = tmp_path / "report"
+    proc = _stream_one_chunk(dest, "--overwrite")
     proc.kill()
     _finish(proc)
     assert proc.returncode == -signal.SIGKILL
@@ -310,6 +323,19 @@ def test_write_killed_mid_stream_leaves_only_a_hidden_temp(tmp_path: Path) -> No
     assert len(temps) == 1
     assert atomic.clean(tmp_path, older_than=0) == [str(tmp_path / temps[0])]
     assert listing(tmp_path) == []
+
+
+def unnamed_file_size(pid: int, directory: Path) -> int:
+    """The size of an unnamed (O_TMPFILE) file process ``pid`` holds open in
+    ``directory``; 0 if none."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith(f"{directory}/#") and target.endswith(" (deleted)"):
+                return os.stat(f"/proc/{pid}/fd/{fd}").st_size
+        except OSError:  # closed meanwhile
+            continue
+    return 0
 
 
 class _Stdin:
@@ -325,11 +351,9 @@ def test_write_no_sync_makes_no_fsync(
     assert trace.count("fsync") == 0
     monkeypatch.setattr(sys, "stdin", _Stdin(b"safe"))
     assert _cli.main(["write", str(tmp_path / "safe")]) == 0
-    # The file before its rename, then the directory holding the new name.
+    # The file before it gets its name, then the directory holding the name.
     synced = trace.fsynced_paths()
-    assert len(synced) == 2
-    assert _names.is_staging(os.path.basename(synced[0]))
-    assert synced[1] == str(tmp_path)
+    assert synced == [str(tmp_path / ANONYMOUS_NAME), str(tmp_path)]
     assert (tmp_path / "fast").read_bytes() == b"fast"
     assert (tmp_path / "safe").read_bytes() == b"safe"
 

@@ -170,6 +170,7 @@ OPS = {
     op.name: op
     for op in (
         Op("file new", empty, write_file(False)),
+        Op("file new, named", empty, named(write_file(False))),
         Op("file overwrite", with_file, write_file(True)),
         Op("write_bytes new", empty, lambda w: atomic.write_bytes(w.root / "f", PAYLOAD)),
         Op(
@@ -188,6 +189,7 @@ OPS = {
         Op("rename", with_two_files, lambda w: atomic.rename(w.root / "a", w.root / "sub" / "a")),
         Op("swap", with_two_files, lambda w: atomic.swap(w.root / "a", w.root / "b")),
         Op("add", with_store, lambda w: w.s.add(PAYLOAD)),
+        Op("add, named", with_store, named(lambda w: w.s.add(PAYLOAD))),
         Op("add_many", with_store, lambda w: w.s.add_many([PAYLOAD, b"second message"])),
         Op("move tmp to new", with_file_in("tmp"), lambda w: w.s.move("m", "tmp", "new")),
         Op("move new to cur", with_file_in("new"), lambda w: w.s.move("m", "new", "cur")),
@@ -307,10 +309,12 @@ def test_each_failed_fsync_is_reported_and_never_retried(
 
 WRITERS = [
     "file new",
+    "file new, named",
     "file overwrite",
     "write_bytes new",
     "write_bytes new, named",
     "add",
+    "add, named",
     "add_many",
     "copy",
 ]
@@ -349,10 +353,10 @@ def test_short_writes_are_completed(start: Callable[[Op], Run], trace: Recorder,
 # -- renameat2 and link refused ---------------------------------------------------
 
 NO_CLOBBER = [
-    "file new",
+    "file new, named",
     "write_bytes new, named",
     "folder new",
-    "add",
+    "add, named",
     "add_many",
     "move tmp to new",
     "move new to cur",

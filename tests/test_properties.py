@@ -235,6 +235,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.prepare()
         # The capability probe runs once per filesystem and process: done
         # here, so that no injected fault lands in it.
+        self.store._capabilities()
         self.store.add(b"probe")
         claim = self.store.claim()
         assert claim is not None

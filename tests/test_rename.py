@@ -16,7 +16,7 @@ from atomstore import _rename, _renameat2, atomic
 from atomstore._rename import Capabilities
 from fstree import listing
 from needs import need_root
-from tracing import Recorder
+from tracing import Recorder, named_staging
 
 # -- rename ---------------------------------------------------------------
 
@@ -527,23 +527,36 @@ def test_clean_arguments(tmp_path: Path) -> None:
     assert info.value.filename == str(tmp_path / "missing")
 
 
-def test_crash_leftovers_are_cleaned(tmp_path: Path) -> None:
-    # A writer killed in the middle leaves its temporary file behind.
+def test_a_killed_writer_of_a_new_file_leaves_nothing(tmp_path: Path) -> None:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         with atomic.file(tmp_path / "state") as f:
             f.write("half")
+            f.flush()
             os._exit(0)
     os.waitpid(pid, 0)
-    (left,) = listing(tmp_path)
+    assert listing(tmp_path) == []
+
+
+def test_crash_leftovers_are_cleaned(tmp_path: Path) -> None:
+    # A writer killed in the middle of a replace (or where O_TMPFILE is
+    # missing) leaves its temporary file behind.
+    (tmp_path / "state").write_text("old")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        with atomic.file(tmp_path / "state", overwrite=True) as f:
+            f.write("half")
+            os._exit(0)
+    os.waitpid(pid, 0)
+    (left,) = [n for n in listing(tmp_path) if n != "state"]
     assert left.startswith(".state.atomstore-")
     assert atomic.clean(tmp_path, older_than=0) == [str(tmp_path / left)]
-    assert listing(tmp_path) == []
+    assert listing(tmp_path) == ["state"]
 
 
 def test_long_names_are_cut_to_fit(tmp_path: Path) -> None:
     name = "\u00e9" * 127  # 254 bytes
-    with atomic.file(tmp_path / name, "wb") as f:
+    with named_staging(), atomic.file(tmp_path / name, "wb") as f:
         (temp,) = listing(tmp_path)
         assert len(os.fsencode(temp)) <= 255
         f.write(b"x")

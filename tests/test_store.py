@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -18,7 +19,7 @@ from atomstore._info import escape_hostname, join_info, split_info
 from atomstore._rename import Capabilities
 from atomstore._store import MESSAGE_NAME_MAX
 from fstree import store_entries
-from tracing import Recorder
+from tracing import ANONYMOUS_NAME, Recorder, named_staging
 
 
 @pytest.fixture
@@ -129,10 +130,12 @@ def test_prepare_is_durable(tmp_path: Path, trace: Recorder) -> None:
 
 def test_unprepared_store_errors_name_the_area(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
-    for call in (lambda: store.create("x"), lambda: store.add(b"x")):
-        with pytest.raises(FileNotFoundError, match="prepared") as info:
-            call()
-        assert info.value.filename == str(tmp_path / "store" / "tmp")
+    with pytest.raises(FileNotFoundError, match="prepared") as info:
+        store.create("x")
+    assert info.value.filename == str(tmp_path / "store" / "tmp")
+    with pytest.raises(FileNotFoundError, match="prepared") as info:
+        store.add(b"x")
+    assert info.value.filename == str(tmp_path / "store" / "new")
     with pytest.raises(FileNotFoundError, match="prepared"):
         store.list("new")
     with pytest.raises(FileNotFoundError, match="prepared"):
@@ -477,16 +480,21 @@ def test_info_round_trip() -> None:
 # -- add and claim --------------------------------------------------------
 
 
-def test_add_delivers_into_new(store: FileStore, trace: Recorder) -> None:
-    store.add(b"warm up the probe")
-    store.claim().finish()  # type: ignore[union-attr]
-    trace.calls.clear()
-    name = store.add(b"hello")
+@pytest.mark.parametrize("named", [False, True])
+def test_add_delivers_into_new(store: FileStore, trace: Recorder, named: bool) -> None:
+    with contextlib.ExitStack() as stack:
+        if named:  # where O_TMPFILE is missing: staged in tmp/ under its name
+            stack.enter_context(named_staging())
+        store.add(b"warm up the probe")
+        store.claim().finish()  # type: ignore[union-attr]
+        trace.calls.clear()
+        name = store.add(b"hello")
     assert names(store, "new") == [name]
     assert Path(store.path, "new", name).read_bytes() == b"hello"
     assert store_entries(store) == [f"new/{name}"]
     tmp, new = (os.path.join(store.path, a) for a in ("tmp", "new"))
-    assert trace.fsynced_paths() == [os.path.join(tmp, name), new]
+    staged = os.path.join(tmp, name) if named else os.path.join(new, ANONYMOUS_NAME)
+    assert trace.fsynced_paths() == [staged, new]
 
 
 def test_add_text_and_types(store: FileStore) -> None:
@@ -498,12 +506,14 @@ def test_add_text_and_types(store: FileStore) -> None:
         store.add(3)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("fault", ["write", "fsync", "renameat2"])
+@pytest.mark.parametrize("fault", ["write", "fsync", "renameat2", "link_fd"])
 def test_add_failure_leaves_nothing(store: FileStore, trace: Recorder, fault: str) -> None:
     store.add(b"probe")
     store.claim().finish()  # type: ignore[union-attr]
     trace.fail(fault, errno.EIO)
-    with pytest.raises(OSError) as info:
+    with pytest.raises(OSError) as info, contextlib.ExitStack() as stack:
+        if fault == "renameat2":
+            stack.enter_context(named_staging())
         store.add(b"x" * 1000)
     assert info.value.errno == errno.EIO
     assert store_entries(store) == []

@@ -34,6 +34,7 @@ class Batch:
         try:
             name = self._store._stage(staged, data, encoding)
             self._staged.append((name, f"{self._store._dirs['tmp']}/{name}"))
+            staged.published()  # the batch's to publish or discard now
         except BaseException:
             staged.discard()
             raise

@@ -40,11 +40,16 @@ def open_fd(
     encoding: str | None = None,
     errors: str | None = None,
     newline: str | None = None,
+    *,
+    closefd: bool = True,
 ) -> IO[Any]:
     """Wrap the writable descriptor ``fd`` as ``open(name, mode, ...)`` would.
 
-    The file object owns ``fd`` and closes it; so does this function when
-    it fails.
+    With ``closefd`` the file object owns ``fd`` and closes it, and so does
+    this function when it fails; without, the caller closes it.
+
+    Writes go through the OS boundary only while a tracer is installed:
+    otherwise a plain FileIO writes, with no Python-level call per write.
     """
     try:
         binary = check_write_mode(mode)
@@ -52,12 +57,15 @@ def open_fd(
             raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
         if buffering == 0 and not binary:
             raise ValueError("can't have unbuffered text I/O")
-        raw = _BoundaryFileIO(fd, "wb", closefd=True)
+        raw = (_BoundaryFileIO if _syscalls._tracer is not None else io.FileIO)(
+            fd, "wb", closefd=closefd
+        )
     except BaseException:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        if closefd:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         raise
     try:
         return _buffered(raw, name, binary, buffering, encoding, errors, newline, mode)

@@ -51,11 +51,28 @@ class Temp:
             _close_quietly(fd)
 
     def discard(self) -> None:
-        """Close the descriptor and remove the file: a cleanup path."""
+        """Close the descriptor and remove the file: a cleanup path.
+
+        Interrupted, it can be called again to finish.
+        """
         self.close()
-        path, self.path = self.path, None
+        path = self.path
         if path is not None:
             unlink_quietly(path)
+            self.path = None
+
+    def published(self) -> None:
+        """The file has its final name: nothing is left to clean up."""
+        self.path = self.fd = None
+
+    def __del__(self) -> None:
+        # The last resort: an interruption that struck where no handler of
+        # the caller's could run (entering __exit__, say).
+        if self.path is not None or self.fd is not None:
+            try:
+                self.discard()
+            except BaseException:  # interrupted in turn: finish, quietly
+                self.discard()
 
 
 def open_anonymous(into: Temp, directory: str, perms: int | None = None) -> bool:
@@ -206,10 +223,7 @@ def fill(staged: Temp, data: bytes | bytearray | memoryview | IO[bytes], durable
     fd = staged.fd
     assert fd is not None
     try:
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            write_all(fd, data)
-        else:
-            copy_stream(data, fd)
+        write_data(fd, data)
         if durable:
             _syscalls.fsync(fd)
         staged.fd = None
@@ -217,6 +231,14 @@ def fill(staged: Temp, data: bytes | bytearray | memoryview | IO[bytes], durable
     except BaseException:
         staged.discard()
         raise
+
+
+def write_data(fd: int, data: bytes | bytearray | memoryview | IO[bytes]) -> None:
+    """Write bytes, or a binary file copied in chunks, to ``fd``."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        write_all(fd, data)
+    else:
+        copy_stream(data, fd)
 
 
 def copy_stream(source: IO[bytes], fd: int) -> None:

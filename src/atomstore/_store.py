@@ -308,6 +308,7 @@ class FileStore:
                 _staging.fill(staged, src_file, self.durable)
             caps = None if overwrite else self._capabilities()
             _staging.publish(temp, target, caps, self.durable)
+            staged.published()
         except BaseException:
             staged.discard()
             raise
@@ -348,16 +349,26 @@ class FileStore:
         :param data: bytes, a str encoded with ``encoding``, or a binary
             file object, which is copied in chunks (memory stays flat).
         """
+        payload = _payload(data, encoding)
         staged = _staging.Temp()
         try:
-            name = self._stage(staged, data, encoding)
             new_dir = self._checked("new")
+            if _staging.open_anonymous(staged, new_dir, self.mode):
+                # Written in new/ itself, without a name until it is complete:
+                # no consumer can see it before, and a kill leaves nothing.
+                assert staged.fd is not None
+                _staging.write_data(staged.fd, payload)
+                name = self.unique_name()
+                _staging.link_anonymous(staged, f"{new_dir}/{name}", self.durable)
+                return name
+            name = self._stage(staged, payload, encoding)
             _staging.publish(
                 f"{self._dirs['tmp']}/{name}",
                 f"{new_dir}/{name}",
                 self._capabilities(),
                 self.durable,
             )
+            staged.published()
         except BaseException:
             staged.discard()
             raise
@@ -385,16 +396,9 @@ class FileStore:
     def _stage(self, staged: _staging.Temp, data: Data, encoding: str) -> str:
         """Write ``data`` complete (and synced) in ``tmp/`` as ``staged``;
         return its name.  The caller discards ``staged`` on any error."""
-        if isinstance(data, str):
-            data = data.encode(encoding)
-        elif isinstance(data, io.TextIOBase):
-            raise TypeError("data must be a binary file, not a text file")
-        elif not isinstance(data, (bytes, bytearray, memoryview)) and not hasattr(data, "read"):
-            raise TypeError(
-                f"data must be bytes-like, str or a binary file, not {type(data).__name__}"
-            )
+        payload = _payload(data, encoding)
         name = self._open_unique(staged)
-        _staging.fill(staged, data, self.durable)
+        _staging.fill(staged, payload, self.durable)
         return name
 
     def _open_unique(self, staged: _staging.Temp) -> str:
@@ -697,6 +701,17 @@ class FileStore:
             for directory in sorted({os.path.dirname(p) for p in removed}):
                 _tree.sync_dir(directory)
         return removed
+
+
+def _payload(data: Data, encoding: str) -> bytes | bytearray | memoryview | IO[bytes]:
+    """A message's content as bytes, or a binary file to copy."""
+    if isinstance(data, str):
+        return data.encode(encoding)
+    if isinstance(data, io.TextIOBase):
+        raise TypeError("data must be a binary file, not a text file")
+    if not isinstance(data, (bytes, bytearray, memoryview)) and not hasattr(data, "read"):
+        raise TypeError(f"data must be bytes-like, str or a binary file, not {type(data).__name__}")
+    return data
 
 
 def _owned_by_another(path: str) -> bool:

@@ -19,7 +19,6 @@ import locale
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,6 +27,8 @@ from ._args import Duration, StrPath, check_perms, fspath, seconds
 from ._rename import Capabilities
 
 __all__ = [
+    "AtomicFile",
+    "AtomicFolder",
     "Capabilities",
     "capabilities",
     "clean",
@@ -39,7 +40,6 @@ __all__ = [
     "write_text",
 ]
 
-_REOPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 DEFAULT_STALE_AGE = 36 * 3600.0
 """Staging files older than this (36 hours, as maildir) are stale."""
@@ -161,7 +161,6 @@ def _no_clobber_caps(directory: str, fd: int, overwrite: bool) -> Capabilities |
     return _rename.capabilities(directory, os.fstat(fd).st_dev)
 
 
-@contextlib.contextmanager
 def file(
     path: StrPath,
     mode: str = "w",
@@ -174,15 +173,18 @@ def file(
     encoding: str | None = None,
     errors: str | None = None,
     newline: str | None = None,
-) -> Iterator[IO[Any]]:
+) -> AtomicFile:
     """Write a file atomically: on success it appears complete at ``path``.
 
-    Yields a file object like ``open(path, mode, ...)`` would, writing to a
-    hidden temporary file next to ``path``.  When the ``with`` block ends
-    normally the data is flushed, fsynced (``durable``), and renamed to
-    ``path``, then the directory is fsynced (``durable``).  When it raises,
-    ``KeyboardInterrupt`` included, the temporary file is removed and
-    ``path`` is untouched.
+    A context manager: its file object is like ``open(path, mode, ...)``'s,
+    writing to a new file in ``path``'s directory that has no name yet
+    (O_TMPFILE) or, where the filesystem cannot make one or when replacing,
+    a hidden temporary name.  When the ``with`` block ends normally the data
+    is flushed, fsynced (``durable``) and given the name ``path`` (a link, or
+    a rename over the old file), then the directory is fsynced
+    (``durable``).  When it raises, ``KeyboardInterrupt`` included, the new
+    file is removed and ``path`` is untouched.  Closing the file object
+    inside the block is allowed.
 
     :param mode: ``'w'`` (or ``'wt'``) for text, ``'wb'`` for bytes.
     :param overwrite: replace an existing file; by default an existing file
@@ -214,47 +216,113 @@ def file(
         dest, current = fspath(path), None
         _refuse_existing(dest)
     directory, base = _split(dest)
-    # One try from before the file exists to its publication: interrupted
-    # anywhere, nothing is left behind.
-    staged = _staging.Temp()
-    f: IO[Any] | None = None
-    try:
-        temp, fd = _staging.open_temp(staged, directory, base, perms, current)
-        staged.fd = None  # the file object owns it, and closes it on failure
-        f = _fileobj.open_fd(fd, mode, temp, buffering, encoding, errors, newline)
-        yield f
-        caps = _finish(f, temp, directory, overwrite, durable)
-        if overwrite:
-            # The block may have run long: whatever took the name meanwhile
-            # must still be a file this may replace.
-            _recheck(dest)
-        _staging.publish(temp, dest, caps, durable)
-    except BaseException:
-        if f is not None:
+    return AtomicFile(
+        dest,
+        directory,
+        base,
+        current,
+        mode,
+        overwrite,
+        durable,
+        perms,
+        (buffering, encoding, errors, newline),
+    )
+
+
+class AtomicFile:
+    """The context manager :func:`file` returns; used once."""
+
+    __slots__ = (
+        "_base",
+        "_current",
+        "_dest",
+        "_directory",
+        "_durable",
+        "_file",
+        "_mode",
+        "_open_args",
+        "_overwrite",
+        "_perms",
+        "_staged",
+        "_temp",
+    )
+
+    def __init__(
+        self,
+        dest: str,
+        directory: str,
+        base: str,
+        current: os.stat_result | None,
+        mode: str,
+        overwrite: bool,
+        durable: bool,
+        perms: int | None,
+        open_args: tuple[int, str | None, str | None, str | None],
+    ) -> None:
+        self._dest, self._directory, self._base = dest, directory, base
+        self._current, self._mode, self._overwrite = current, mode, overwrite
+        self._durable, self._perms, self._open_args = durable, perms, open_args
+        self._staged: _staging.Temp | None = None
+        self._temp: str | None = None  # the hidden name, on the named path
+        self._file: IO[Any] | None = None
+
+    def __enter__(self) -> IO[Any]:
+        if self._staged is not None:
+            raise RuntimeError("atomic.file() can be entered only once")
+        staged = self._staged = _staging.Temp()
+        try:
+            if self._overwrite or not _staging.open_anonymous(staged, self._directory, self._perms):
+                self._temp, _ = _staging.open_temp(
+                    staged, self._directory, self._base, self._perms, self._current
+                )
+            assert staged.fd is not None
+            # The file object does not own the descriptor: closed inside the
+            # block, it leaves the descriptor to sync and name the file.
+            self._file = _fileobj.open_fd(
+                staged.fd, self._mode, self._temp or self._dest, *self._open_args, closefd=False
+            )
+        except BaseException:
+            staged.discard()
+            raise
+        return self._file
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        staged, f = self._staged, self._file
+        assert staged is not None
+        assert f is not None
+        if exc_type is not None:
             with contextlib.suppress(Exception):
                 f.close()
-        staged.discard()
-        raise
-
-
-def _finish(
-    f: IO[Any], temp: str, directory: str, overwrite: bool, durable: bool
-) -> Capabilities | None:
-    """Flush, fsync and close the file written by :func:`file`."""
-    if f.closed:
-        # Closed inside the block: its data is written; sync the inode through
-        # a descriptor of our own.
-        fd = _syscalls.open(temp, _REOPEN_FLAGS)
-        caps = _no_clobber_caps(directory, fd, overwrite)
-        _staging.sync_and_close(fd, durable)
-        return caps
-    f.flush()
-    fd = f.fileno()
-    caps = _no_clobber_caps(directory, fd, overwrite)
-    if durable:
-        _syscalls.fsync(fd)
-    f.close()
-    return caps
+            staged.discard()
+            return
+        try:
+            if not f.closed:
+                f.flush()
+                f.close()
+            if self._temp is None:
+                _staging.link_anonymous(staged, self._dest, self._durable)
+                return
+            fd = staged.fd
+            assert fd is not None
+            caps = _no_clobber_caps(self._directory, fd, self._overwrite)
+            if self._durable:
+                _syscalls.fsync(fd)
+            staged.fd = None
+            _syscalls.close(fd)
+            if self._overwrite:
+                # The block may have run long: whatever took the name
+                # meanwhile must still be a file this may replace.
+                _recheck(self._dest)
+            _staging.publish(self._temp, self._dest, caps, self._durable)
+            staged.published()
+        except BaseException:
+            # Closed before the descriptor goes: a file object left with
+            # buffered data would write it, when collected, to whatever
+            # file gets the descriptor's number next.
+            with contextlib.suppress(Exception):
+                f.close()
+            staged.discard()
+            raise
 
 
 def write_bytes(
@@ -294,6 +362,7 @@ def write_bytes(
         caps = _no_clobber_caps(directory, fd, overwrite)
         _staging.fill(staged, data, durable)
         _staging.publish(temp, dest, caps, durable)
+        staged.published()
     except FileExistsError:
         staged.discard()
         _refuse_existing(dest)  # a directory is named as such
@@ -387,14 +456,13 @@ def _remove_surely(path: str) -> None:
         raise
 
 
-@contextlib.contextmanager
 def folder(
     path: StrPath,
     *,
     overwrite: bool = False,
     durable: bool = True,
     allow_fallback: bool = True,
-) -> Iterator[Path]:
+) -> AtomicFolder:
     """Write a directory tree atomically: on success it appears complete.
 
     Yields the :class:`~pathlib.Path` of an empty hidden staging directory
@@ -427,26 +495,82 @@ def folder(
     current = _existing_dir(dest)
     if current is not None and not overwrite:
         raise _exists(dest)
-    made: list[str] = []
-    old: str | None = None
-    try:
-        staging = _make_staging(made, parent, base, current)
-        yield Path(staging)
-        if durable:
-            _tree.sync_tree(staging)
-        old = _publish_tree(staging, dest, overwrite, allow_fallback)
-        if durable:
-            _tree.sync_dir(parent)
-    except BaseException:
-        for staging in made:
-            _remove_surely(staging)
-        if old is not None:
-            # Published, then the parent's fsync failed: the old tree, moved
-            # aside by the fallback, is no longer wanted either.
-            _remove_surely(old)
-        raise
-    if old is not None:
-        _remove_surely(old)
+    return AtomicFolder(dest, parent, base, current, overwrite, durable, allow_fallback)
+
+
+class AtomicFolder:
+    """The context manager :func:`folder` returns; used once."""
+
+    __slots__ = (
+        "_allow_fallback",
+        "_base",
+        "_current",
+        "_dest",
+        "_durable",
+        "_made",
+        "_overwrite",
+        "_parent",
+        "_staging",
+    )
+
+    def __init__(
+        self,
+        dest: str,
+        parent: str,
+        base: str,
+        current: os.stat_result | None,
+        overwrite: bool,
+        durable: bool,
+        allow_fallback: bool,
+    ) -> None:
+        self._dest, self._parent, self._base, self._current = dest, parent, base, current
+        self._overwrite, self._durable, self._allow_fallback = overwrite, durable, allow_fallback
+        # The staging directory's name, known before it exists: whatever
+        # interrupts, it is removed (at the latest when this is collected).
+        self._made: list[str] = []
+        self._staging: str | None = None
+
+    def __enter__(self) -> Path:
+        if self._staging is not None or self._made:
+            raise RuntimeError("atomic.folder() can be entered only once")
+        try:
+            self._staging = _make_staging(self._made, self._parent, self._base, self._current)
+        except BaseException:
+            self._remove_made()
+            raise
+        return Path(self._staging)
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        old: str | None = None
+        try:
+            if exc_type is not None:
+                return
+            staging = self._staging
+            assert staging is not None
+            if self._durable:
+                _tree.sync_tree(staging)
+            old = _publish_tree(staging, self._dest, self._overwrite, self._allow_fallback)
+            if self._durable:
+                _tree.sync_dir(self._parent)
+        finally:
+            # Published or not, what is under a staging name goes: the
+            # staging tree, or the old tree it holds after an exchange.
+            self._remove_made()
+            if old is not None:
+                # The old tree the fallback moved aside.
+                _remove_surely(old)
+
+    def _remove_made(self) -> None:
+        while self._made:
+            _remove_surely(self._made[-1])
+            self._made.pop()
+
+    def __del__(self) -> None:
+        if self._made:
+            try:
+                self._remove_made()
+            except BaseException:  # interrupted in turn: finish, quietly
+                self._remove_made()
 
 
 def _publish_tree(staging: str, dest: str, overwrite: bool, allow_fallback: bool) -> str | None:
