@@ -51,6 +51,11 @@ class Kind:
     def fuse_mode(self) -> str | None:
         return self.name[len("fuse-") :] if self.name.startswith("fuse-") else None
 
+    @property
+    def tmpfile(self) -> bool:
+        """Whether O_TMPFILE works (FUSE: EOPNOTSUPP, fs/fuse/dir.c)."""
+        return self.fuse_mode is None
+
 
 KINDS = [
     Kind("ext4", NATIVE),
@@ -222,7 +227,7 @@ def probe(place: Path, trace: Recorder) -> Capabilities:
 def publisher(trace: Recorder, dest: Path) -> tuple[str, int]:
     """The call that gave ``dest`` its name, and its renameat2 flags."""
     for call in reversed(trace.calls):
-        made = call.error is None and call.name in ("renameat2", "link", "rename")
+        made = call.error is None and call.name in ("renameat2", "link", "rename", "link_fd")
         if made and call.args[1] == str(dest):
             return call.name, call.args[2] if call.name == "renameat2" else 0
     raise AssertionError(f"nothing published {dest}")
@@ -238,6 +243,12 @@ def flagged_renames(trace: Recorder, flags: int) -> list[str]:
 
 
 def file_publisher(kind: Kind) -> tuple[str, int]:
+    """How a new file gets its name on ``kind``: linked from an unnamed file
+    where O_TMPFILE works, else a no-clobber rename of a hidden one."""
+    return ("link_fd", 0) if kind.tmpfile else rename_publisher(kind)
+
+
+def rename_publisher(kind: Kind) -> tuple[str, int]:
     """How a no-clobber rename of a file is made on ``kind``."""
     return ("renameat2", RENAME_NOREPLACE) if kind.caps.noreplace else ("link", 0)
 
@@ -418,7 +429,7 @@ def test_rename_no_clobber(fs: Mount, place: Path, trace: Recorder) -> None:
     atomic.rename(a, c)
     assert (c.read_text(), b.read_text()) == ("A", "B")
     assert not a.exists()
-    assert publisher(trace, c) == file_publisher(fs.kind)
+    assert publisher(trace, c) == rename_publisher(fs.kind)
     # A directory onto another: refused whatever the path taken.
     with pytest.raises(FileExistsError) as info:
         atomic.rename(place / "tree", place / "other")

@@ -26,6 +26,7 @@ import pytest
 
 from crash_workloads import WORKLOADS
 from needs import need, need_tool
+from tracing import ANONYMOUS_NAME
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = ".strace-begin", ".strace-end"
@@ -110,9 +111,14 @@ def _string(token: str) -> str:
     return decoded.decode()
 
 
+_UNNAMED = re.compile(r"/#\d+( \(deleted\))?$")
+
+
 def _fd(token: str) -> str:
-    """The path that ``-y`` printed for a descriptor: ``3</a/b>``."""
-    return token[token.index("<") + 1 : token.rindex(">")]
+    """The path that ``-y`` printed for a descriptor: ``3</a/b>``; an unnamed
+    file (O_TMPFILE, ``3</a/#1234 (deleted)>``) as the recorder names it."""
+    path = token[token.index("<") + 1 : token.rindex(">")]
+    return _UNNAMED.sub("/" + ANONYMOUS_NAME, path)
 
 
 def _at(dir_token: str, path_token: str) -> str:
@@ -147,6 +153,8 @@ def traced_changes(line: str) -> list[Change]:
         return [("rename", _at(a[0], a[1]), _at(a[2], a[3]), bits, ok)]
     if name in ("link", "linkat"):
         paths = (_string(a[0]), _string(a[1])) if name == "link" else (_at(*a[:2]), _at(*a[2:4]))
+        if re.match(r"^/proc/\d+/fd/\d+$", paths[0]):  # naming an open file
+            return [("link_fd", paths[1], ok)]
         return [("link", *paths, ok)]
     if name == "unlinkat":
         return [("rmdir" if "AT_REMOVEDIR" in a[2] else "unlink", _at(a[0], a[1]), ok)]
@@ -192,6 +200,8 @@ def recorded_changes(calls: list[dict[str, Any]]) -> list[Change]:
             )
         elif name == "link":
             changes.append(("link", os.path.normpath(args[0]), os.path.normpath(args[1]), ok))
+        elif name == "link_fd":
+            changes.append(("link_fd", os.path.normpath(args[1]), ok))
         elif name in ("unlink", "rmdir"):
             changes.append((name, at(args[0], call["dir_fd"]), ok))
         elif name in ("mkdir", "chmod"):
