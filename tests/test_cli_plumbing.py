@@ -282,3 +282,106 @@ def test_interrupted_commands_leave_nothing_behind(
     assert [n for n in listing(dest_dir) if n.startswith(".")] == []
     assert store.list("tmp") == []
     assert [e for e in store_entries(store) if "/." in e] == []
+
+
+# -- signals around a hand-off ---------------------------------------------------
+
+
+def _take_signalled_as_it_claims(store: FileStore, signum: int, rng: random.Random) -> str:
+    """Run ``take --wait``, deliver a message, signal ``take`` just as the
+    message leaves new/ (or a moment later); say what became of it."""
+    proc = subprocess.Popen(
+        [*COMMAND, "take", store.path, "--wait", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(0.25)  # waiting by now
+    store.add(b"work")
+    cur = Path(store.path, "cur")
+    deadline = time.monotonic() + 10
+    while not any(cur.iterdir()) and time.monotonic() < deadline:
+        pass
+    time.sleep(rng.uniform(0, 0.002))
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=30)
+    claimed = sorted(cur.iterdir())
+    waiting = store.list("new")
+    if proc.returncode == 0:
+        # Handed on: the path it printed is the claim, and nothing else is.
+        assert [os.fsencode(p) for p in claimed] == [out.rstrip(b"\n")], (out, claimed)
+        outcome = "handed on"
+    else:
+        # Interrupted: the message is back in new/, whatever was printed.
+        assert proc.returncode in (130, 143, 129), (proc.returncode, err)
+        assert claimed == [], (out, err, claimed)
+        assert len(waiting) == 1, waiting
+        outcome = "given back"
+    for leftover in [*claimed, *map(Path, waiting)]:
+        leftover.unlink()
+    return outcome
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_as_take_claims_never_strands_the_claim(store: FileStore, signum: int) -> None:
+    rng = random.Random(signum)
+    outcomes = [_take_signalled_as_it_claims(store, signum, rng) for _ in range(6)]
+    assert outcomes  # each asserted the claim was handed on or given back
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_many_signals_as_take_claims_never_strand_a_claim(store: FileStore, signum: int) -> None:
+    rng = random.Random(signum + 100)
+    outcomes = [_take_signalled_as_it_claims(store, signum, rng) for _ in range(40)]
+    assert set(outcomes) <= {"handed on", "given back"}
+
+
+def test_put_checks_every_file_before_it_reads_standard_input(
+    tmp_path: Path, store: FileStore
+) -> None:
+    proc = run("put", store.path, "-", str(tmp_path / "missing"), stdin=b"irreplaceable")
+    one_error_line(proc, "missing")
+    assert store_entries(store) == []
+    proc = run("put", store.path, "-", "-", stdin=b"once")
+    assert proc.returncode == 2
+    assert "once" in proc.stderr.decode().splitlines()[-1]
+
+
+def test_what_was_done_is_said_when_it_cannot_be_printed(store: FileStore) -> None:
+    store.add(b"work")
+    claim = store.claim()
+    assert claim is not None
+    proc = run_into("/dev/full", "release", store.path, claim.path)
+    err = one_error_line(proc, "released to", "standard output")
+    [back] = store.list("new")
+    assert back in err
+
+
+def test_errors_never_reach_standard_output(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", *COMMAND, "take", str(tmp_path / "none")],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == b""
+
+
+def test_operands_after_a_double_dash_are_left_alone(tmp_path: Path, store: FileStore) -> None:
+    (tmp_path / "--wait").write_bytes(b"a")
+    (tmp_path / "-5").write_bytes(b"b")
+    proc = subprocess.run(
+        [*COMMAND, "put", store.path, "--", "--wait", "-5"],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc
+    contents = sorted(Path(p).read_bytes() for p in store.list("new"))
+    assert contents == [b"a", b"b"]
+
+
+def test_names_in_errors_stay_on_one_line(tmp_path: Path, store: FileStore) -> None:
+    proc = run("put", store.path, str(tmp_path / "no\nsuch\xe9"))
+    err = one_error_line(proc, "no\\nsuch")
+    assert "\\xc3\\xa9" not in err  # é is UTF-8 here: shown as itself

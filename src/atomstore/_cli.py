@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Any, Callable
 
 from . import __version__, atomic
+from ._claim import Claim
 from ._store import AREAS, FileStore
 
 EXIT_OK = 0
@@ -33,7 +35,7 @@ EXIT_INTERRUPTED = 130
 
 _CHUNK = 1 << 20
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$", re.ASCII)
 
 _EPILOG = f"""\
 exit status: {EXIT_OK} success, {EXIT_ERROR} error, {EXIT_USAGE} bad usage, \
@@ -131,6 +133,45 @@ def _print(line: str, end: bytes = b"\n") -> None:
         raise OutputError(e.errno, f"standard output: {e.strerror}") from None
 
 
+# The signals that end a command; held back while a claim or a delivery is
+# being handed on, so that none lands between doing and saying.
+_ENDING = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+def _block_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING)
+
+
+def _unblock_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _ENDING)
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Hold the ending signals back for the block; one that came meanwhile
+    is delivered when it ends (or, after a hand-off, never)."""
+    _block_signals()
+    try:
+        yield
+    finally:
+        _unblock_signals()
+
+
+def _shown(path: str) -> str:
+    """``path`` for a one-line message: bytes that are not UTF-8 as ``\\xNN``,
+    control characters (a newline) escaped."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def _error(text: str) -> None:
+    """One line on standard error (nowhere if it is closed)."""
+    if sys.stderr is not None:
+        print(f"atomstore: {text}", file=sys.stderr, flush=True)
+
+
 def _silence_stdout() -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -155,6 +196,9 @@ def cmd_write(args: argparse.Namespace) -> int:
         ) as f:
             shutil.copyfileobj(_stdin(), f, _CHUNK)
     except FileExistsError as e:
+        if not _is_regular(e.filename):
+            kind = "it is not a regular file: write never replaces it"
+            raise FileExistsError(e.errno, f"File exists, and {kind}", e.filename) from None
         hint = "File exists (--overwrite replaces it)"
         raise FileExistsError(e.errno, hint, e.filename) from None
     except OSError as e:
@@ -166,28 +210,72 @@ def cmd_write(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _is_regular(path: object) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)  # type: ignore[arg-type]
+    except (OSError, TypeError, ValueError):
+        return False
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     _store(args).prepare()
     return EXIT_OK
 
 
 def cmd_put(args: argparse.Namespace) -> int:
+    sources = args.files or ["-"]
+    if sources.count("-") > 1:
+        raise UsageError("standard input (-) can be delivered once")
     store = _store(args)
     _stdout()  # nowhere to say what was delivered: deliver nothing
-    # All or nothing, as add_many(): every file is staged first, and a file
-    # that cannot be read fails the whole put before anything is delivered.
-    with contextlib.ExitStack() as files, store.batch() as batch:
-        for source in args.files or ["-"]:
-            data = _stdin() if source == "-" else files.enter_context(open(source, "rb"))
-            batch.add(data)
-    end = _end(args)
+    # All or nothing, as add_many(): every file is checked before standard
+    # input is read, then staged; a file that cannot be read fails the whole
+    # put before anything is delivered.
+    for source in sources:
+        if source != "-":
+            _check_readable(source)
+    batch = store.batch()
     try:
-        for name in batch.published:
-            _print(name, end)
-    except OutputError as e:
-        names = " ".join(batch.published)
-        raise HandOffError(e.errno, f"delivered {names}, but {e.strerror}") from None
+        for source in sources:
+            if source == "-":
+                batch.add(_stdin())
+            else:
+                with open(source, "rb") as f:
+                    batch.add(f)
+    except BaseException:
+        batch.discard()
+        raise
+    with _signals_blocked():  # published whole, or not at all
+        names = batch.commit()
+    _hand_on(names, _end(args), "delivered")
     return EXIT_OK
+
+
+def _check_readable(path: str) -> None:
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not os.access(path, os.R_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+
+def _hand_on(paths: Sequence[str], end: bytes, done: str) -> None:
+    """Print what was done; if that fails or is interrupted, say what it was.
+
+    Once printed, the command succeeded: signals stay blocked until it exits,
+    so a late one cannot turn its status into a failure.
+    """
+    try:
+        for path in paths:
+            _print(path, end)
+    except BaseException as e:
+        _block_signals()
+        what = " ".join(_shown(p) for p in paths) or "nothing"
+        if isinstance(e, OutputError):
+            raise HandOffError(e.errno, f"{done} {what}, but {e.strerror}") from None
+        _error(f"{done} {what} before the interruption")
+        raise
+    _block_signals()
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -200,16 +288,45 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_take(args: argparse.Namespace) -> int:
     store = _store(args)
     _stdout()  # nowhere to hand a claim to: claim nothing
-    claim = store.claim(wait=args.wait)
+    claim = _claim_with_signals_blocked(store, args.wait)
     if claim is None:
         return EXIT_EMPTY
     try:
+        _unblock_signals()
         _print(claim.path, _end(args))
-    except OutputError as e:
-        # Nobody learnt of the claim: give it back, with no attempt counted.
+        _block_signals()  # handed on: a late signal cannot undo it now
+    except BaseException as e:
+        # Nobody may have learnt of the claim (a path cut short, or printed
+        # and then interrupted): give it back, with no attempt counted.  Its
+        # old path is gone, so whoever got it cannot use it.
+        _block_signals()
         back = claim.release(count_attempt=False)
-        raise HandOffError(e.errno, f"{e.strerror}; the message was given back", back) from None
+        if isinstance(e, OutputError):
+            message = f"{e.strerror}; the message was given back"
+            raise HandOffError(e.errno, message, back) from None
+        raise
     return EXIT_OK
+
+
+def _claim_with_signals_blocked(store: FileStore, wait: float) -> Claim | None:
+    """Claim with SIGINT, SIGTERM and SIGHUP held back, so that no signal
+    strikes between the claim and its hand-off; wait with them let in.
+
+    :returns: the claim, signals still blocked; or None, signals let in.
+    """
+    deadline = time.monotonic() + wait
+    with contextlib.ExitStack() as stack:
+        waiter = stack.enter_context(store._waiter()) if wait else None
+        while True:
+            _block_signals()
+            claim = store.claim()
+            if claim is not None:
+                return claim
+            _unblock_signals()
+            remaining = deadline - time.monotonic()
+            if waiter is None or remaining <= 0:
+                return None
+            waiter.wait(None if remaining == math.inf else remaining)
 
 
 def cmd_done(args: argparse.Namespace) -> int:
@@ -218,13 +335,20 @@ def cmd_done(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    _print(_store(args).claimed(args.name).release())
+    store = _store(args)
+    _stdout()
+    with _signals_blocked():
+        back = store.claimed(args.name).release()
+    _hand_on([back], _end(args), "released to")
     return EXIT_OK
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    for path in _store(args).recover(args.older_than):
-        _print(path)
+    store = _store(args)
+    _stdout()
+    with _signals_blocked():
+        paths = store.recover(args.older_than)
+    _hand_on(paths, _end(args), "recovered")
     return EXIT_OK
 
 
@@ -232,15 +356,27 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     store = _store(args)
     if not args.all and not args.names:
         raise UsageError("name the dead letters to requeue, or pass --all")
+    _stdout()
     names = store.list("dead") if args.all else args.names
-    for name in names:
-        _print(store.requeue(name))
+    done: list[str] = []
+    try:
+        with _signals_blocked():
+            for name in names:
+                done.append(store.requeue(name))
+    except BaseException:
+        if done:
+            _error("requeued " + " ".join(_shown(p) for p in done) + " before the error")
+        raise
+    _hand_on(done, _end(args), "requeued")
     return EXIT_OK
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    for path in _store(args).clean(args.older_than):
-        _print(path)
+    store = _store(args)
+    _stdout()
+    with _signals_blocked():
+        removed = store.clean(args.older_than)
+    _hand_on(removed, _end(args), "removed")
     return EXIT_OK
 
 
@@ -383,10 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="what counts as stale (default 36h)",
     )
-    stat = store_command(
+    stats = store_command(
         "stat", cmd_stat, "count the files of each area, with the oldest's age", changes=False
     )
-    stat.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    for sub in (release, recover, requeue, clean):
+        null_option(sub, "path")
     return parser
 
 
@@ -395,11 +533,11 @@ def describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         text = error.strerror
         if error.filename is not None:
-            text += f": {os.fsdecode(error.filename)}"
+            text += f": {_shown(os.fsdecode(error.filename))}"
         if error.filename2 is not None:
-            text += f" -> {os.fsdecode(error.filename2)}"
+            text += f" -> {_shown(os.fsdecode(error.filename2))}"
         return text
-    return str(error) or type(error).__name__
+    return _shown(str(error)) or type(error).__name__
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
@@ -437,9 +575,13 @@ def _negative_durations(argv: Sequence[str]) -> list[str]:
     result: list[str] = []
     args = iter(argv)
     for arg in args:
+        if arg == "--":  # what follows are operands, however they look
+            result.append(arg)
+            result.extend(args)
+            break
         if arg in _DURATION_OPTIONS:
             value = next(args, None)
-            if value is not None and re.match(r"^-[\d.]", value):
+            if value is not None and re.match(r"^-(?:[0-9.]|inf)", value, re.IGNORECASE):
                 result.append(f"{arg}={value}")
                 continue
             result.append(arg)
@@ -452,8 +594,13 @@ def _negative_durations(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    if sys.stderr is None:
+        # Started with descriptor 2 closed (``2>&-``): errors go nowhere,
+        # not into standard output, where a script reads paths.
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
     parser = build_parser()
     args = parser.parse_args(_negative_durations(sys.argv[1:] if argv is None else argv))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
         with _cleanup_on_termination():
             status: int = args.func(args)
@@ -465,11 +612,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (BrokenPipeError, OutputError) as e:
         if e.errno != errno.EPIPE:
-            print(f"atomstore: error: {describe(e)}", file=sys.stderr)
+            _error(f"error: {describe(e)}")
         # else whoever read our output went away (``atomstore ls | head``):
         # nothing to say to anyone.
         _silence_stdout()
         return EXIT_ERROR
     except (OSError, ValueError, TypeError) as e:
-        print(f"atomstore: error: {describe(e)}", file=sys.stderr)
+        _error(f"error: {describe(e)}")
         return EXIT_ERROR
+    finally:
+        if argv is not None:
+            # Called from Python, not as the program: the caller's signal
+            # mask as it was.  (The program exits with what a hand-off
+            # blocked still blocked.)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -668,6 +668,7 @@ class FileStore:
         base, _ = split_info(name)
         source = os.path.join(self._dirs["dead"], name)
         if not os.path.lexists(self._dirs["dead"]):  # no message has died yet
+            self._checked("new")  # or the store is not prepared at all
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source)
         self._checked("dead")
         target = os.path.join(self._checked("new"), base)
