@@ -639,7 +639,7 @@ def test_unavailable_binding_is_enosys(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_probe_without_renameat2(
     tmp_path: Path, fresh_probe: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_renameat2, "AVAILABLE", False)
+    monkeypatch.setattr(_renameat2, "available", lambda: False)
     caps = atomic.capabilities(tmp_path / "a")
     assert caps == Capabilities(noreplace=False, exchange=False, hardlinks=True)
     (tmp_path / "a").write_text("A")

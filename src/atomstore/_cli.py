@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import math
 import os
 import re
-import shutil
 import signal
 import stat
 import sys
@@ -194,7 +192,9 @@ def cmd_write(args: argparse.Namespace) -> int:
             durable=not args.no_sync,
             perms=args.mode,
         ) as f:
-            shutil.copyfileobj(_stdin(), f, _CHUNK)
+            source = _stdin()
+            while chunk := source.read(_CHUNK):
+                f.write(chunk)
     except FileExistsError as e:
         if not _is_regular(e.filename):
             kind = "it is not a regular file: write never replaces it"
@@ -400,6 +400,8 @@ def area_stats(store: FileStore) -> dict[str, dict[str, Any]]:
 def cmd_stat(args: argparse.Namespace) -> int:
     stats = area_stats(_store(args))
     if args.json:
+        import json  # only here: its import costs every other command's start-up
+
         _print(json.dumps(stats, sort_keys=True))
         return EXIT_OK
     _print(f"{'area':<6}{'count':>10}  oldest")

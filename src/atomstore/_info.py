@@ -13,7 +13,6 @@ fields, each a letter and a value:
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import threading
@@ -135,6 +134,8 @@ def shorten(base: str, limit: int) -> str:
     For a foreign name too long to carry a claim's info part: the digest of
     the whole name keeps two long names that share a beginning apart.
     """
+    import hashlib  # rare: not worth its import time on every start
+
     encoded = os.fsencode(base)
     digest = hashlib.sha256(encoded).hexdigest()[:12]
     # A cut inside a multi-byte character leaves surrogate escapes, which

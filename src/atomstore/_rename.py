@@ -23,7 +23,6 @@ import errno
 import os
 import select
 import threading
-from dataclasses import dataclass
 
 from . import _names, _renameat2, _syscalls, _tree
 from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
@@ -40,7 +39,6 @@ _LINK_REFUSED = frozenset(
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 
-@dataclass(frozen=True)
 class Capabilities:
     """What the filesystem holding a path supports, as probed.
 
@@ -58,11 +56,47 @@ class Capabilities:
         operation tries the native call and falls back on its error.
     """
 
+    # A plain class, not a dataclass: importing dataclasses costs the
+    # command line more than the rest of its start-up.
+    __slots__ = ("exchange", "hardlinks", "ignores_flags", "noreplace", "probed")
+    _FIELDS = ("noreplace", "exchange", "hardlinks", "ignores_flags", "probed")
+
     noreplace: bool
     exchange: bool
     hardlinks: bool
-    ignores_flags: bool = False
-    probed: bool = True
+    ignores_flags: bool
+    probed: bool
+
+    def __init__(
+        self,
+        noreplace: bool,
+        exchange: bool,
+        hardlinks: bool,
+        ignores_flags: bool = False,
+        probed: bool = True,
+    ) -> None:
+        for name, value in zip(
+            self._FIELDS, (noreplace, exchange, hardlinks, ignores_flags, probed)
+        ):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: Capabilities are frozen")
+
+    def _values(self) -> tuple[bool, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Capabilities):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"Capabilities({fields})"
 
 
 # Used where no probe could run (no write permission), and not cached: try
@@ -153,7 +187,7 @@ def capabilities(directory: str, device: int | None = None) -> Capabilities:
             if caps is None:
                 probed = _probe(directory)
                 if probed is None:
-                    return _ASSUMED if _renameat2.AVAILABLE else _ASSUMED_WITHOUT_RENAMEAT2
+                    return _ASSUMED if _renameat2.available() else _ASSUMED_WITHOUT_RENAMEAT2
                 caps = _cache[device] = probed
     return caps
 
@@ -184,7 +218,7 @@ def _probe(directory: str) -> Capabilities | None:
             _syscalls.mkdir(scratch, 0o700)
         except OSError:
             return None  # cannot write here: the operation will say why
-        if not _renameat2.AVAILABLE:
+        if not _renameat2.available():
             _write_small(os.path.join(scratch, "a"), b"a")
             return Capabilities(False, False, _takes_links(scratch))
         return _probe_in(scratch)

@@ -8,11 +8,9 @@ and the rename layer falls back.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import os
-import platform
 import sys
 from typing import Any, Callable
 
@@ -46,7 +44,6 @@ _X32_SYSCALL_BIT = 0x40000000
 
 # renameat2(olddirfd, oldpath, newdirfd, newpath, flags) -> 0 or -1 (errno)
 _Binding = Callable[[int, bytes, int, bytes, int], int]
-_ARGTYPES: list[Any] = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 
 
 def _syscall_number(machine: str, pointer_size: int) -> int | None:
@@ -59,6 +56,16 @@ def _syscall_number(machine: str, pointer_size: int) -> int | None:
 
 
 def _linux_binding() -> _Binding | None:
+    import ctypes
+    import platform
+
+    argtypes: list[Any] = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
     libc = ctypes.CDLL(None, use_errno=True)
     try:
         func = libc.renameat2
@@ -68,16 +75,18 @@ def _linux_binding() -> _Binding | None:
             return None
         syscall = libc.syscall
         syscall.restype = ctypes.c_long
-        syscall.argtypes = [ctypes.c_long, *_ARGTYPES]
+        syscall.argtypes = [ctypes.c_long, *argtypes]
 
         # The libc symbol's signature, with the syscall number bound first.
         return functools.partial(syscall, number)
     func.restype = ctypes.c_int
-    func.argtypes = _ARGTYPES
+    func.argtypes = argtypes
     return func
 
 
 def _darwin_binding() -> _Binding | None:  # pragma: no cover - macOS only
+    import ctypes
+
     # renamex_np(2): RENAME_SWAP 0x2 and RENAME_EXCL 0x4 (sys/stdio.h).
     libc = ctypes.CDLL(None, use_errno=True)
     try:
@@ -102,8 +111,23 @@ def _binding() -> _Binding | None:
     return None  # pragma: no cover - other platforms
 
 
-_call = _binding()
-AVAILABLE = _call is not None
+# Bound at the first call, not at import: ctypes costs the command line's
+# start-up more than anything else it imports.
+_UNBOUND: Any = object()
+_call: Any = _UNBOUND
+
+
+def _bound() -> _Binding | None:
+    global _call
+    if _call is _UNBOUND:
+        _call = _binding()
+    result: _Binding | None = _call
+    return result
+
+
+def available() -> bool:
+    """Whether this platform has the call at all."""
+    return _bound() is not None
 
 
 def renameat2(src: str, dst: str, flags: int) -> None:
@@ -112,8 +136,11 @@ def renameat2(src: str, dst: str, flags: int) -> None:
     :raises OSError: with the errno of the call and both file names; ENOSYS
         where the platform has no such call.
     """
-    if _call is None:
+    call = _bound()
+    if call is None:
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), src, None, dst)
-    if _call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags):
+    if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags):
+        import ctypes  # loaded by the binding already
+
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), src, None, dst)

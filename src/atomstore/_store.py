@@ -12,7 +12,6 @@ import errno
 import io
 import math
 import os
-import socket
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -90,6 +89,8 @@ class FileStore:
             raise ValueError(f"mode must be permission bits 0 to 0o777: {mode!r}")
         self.mode = mode
         if hostname is None:
+            import socket  # only here: its import costs the command's start-up
+
             hostname = socket.gethostname() or "localhost"
         elif not isinstance(hostname, str) or not hostname:
             raise ValueError(f"hostname must be a non-empty str: {hostname!r}")

@@ -13,13 +13,13 @@ A waiter is stopped from any thread, or from a signal handler, by
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
 import select
 import sys
 import threading
+from typing import Any
 
 # <sys/inotify.h>
 _IN_CREATE = 0x100
@@ -54,9 +54,11 @@ _REMOTE_TYPES = frozenset(
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-def _inotify() -> ctypes.CDLL | None:
+def _inotify() -> Any:
     if not sys.platform.startswith("linux"):
         return None  # pragma: no cover - Linux only
+    import ctypes  # only for a waiter: its import costs every start-up
+
     libc = ctypes.CDLL(None, use_errno=True)
     try:
         libc.inotify_init1.argtypes = [ctypes.c_int]
@@ -66,7 +68,16 @@ def _inotify() -> ctypes.CDLL | None:
     return libc
 
 
-_libc = _inotify()
+# The C library with inotify, loaded by the first waiter (None: none here).
+_UNLOADED: Any = object()
+_libc: Any = _UNLOADED
+
+
+def _inotify_lib() -> Any:
+    global _libc
+    if _libc is _UNLOADED:
+        _libc = _inotify()
+    return _libc
 
 
 def filesystem_type(path: str) -> str:
@@ -146,13 +157,16 @@ class Waiter:
 
     def _watch(self) -> None:
         """Watch the directory the path names now (inotify where it can)."""
-        if _libc is None:
+        libc = _inotify_lib()
+        if libc is None:
             return  # pragma: no cover - Linux only
-        fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             return
-        wd = _libc.inotify_add_watch(fd, os.fsencode(self._directory), _IN_CREATE | _IN_MOVED_TO)
+        wd = libc.inotify_add_watch(fd, os.fsencode(self._directory), _IN_CREATE | _IN_MOVED_TO)
         if wd < 0:
+            import ctypes  # loaded with the library already
+
             code = ctypes.get_errno()
             os.close(fd)
             if code in (errno.ENOENT, errno.ENOTDIR):

@@ -15,16 +15,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import locale
 import os
 import stat
 import time
-from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import _fileobj, _names, _rename, _staging, _syscalls, _tree
 from ._args import Duration, StrPath, check_perms, fspath, seconds
 from ._rename import Capabilities
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = [
     "AtomicFile",
@@ -392,6 +393,8 @@ def write_text(
     if hasattr(io, "text_encoding"):  # Python 3.10+: EncodingWarning as open()
         encoding = io.text_encoding(encoding, 2)
     if encoding is None or encoding == "locale":
+        import locale  # only here: its import costs the command's start-up
+
         encoding = locale.getpreferredencoding(False)
     data = text.encode(encoding, errors or "strict")
     write_bytes(
@@ -531,6 +534,8 @@ class AtomicFolder:
         self._staging: str | None = None
 
     def __enter__(self) -> Path:
+        from pathlib import Path  # only here: its import costs start-up
+
         if self._staging is not None or self._made:
             raise RuntimeError("atomic.folder() can be entered only once")
         try:
