@@ -411,12 +411,25 @@ def cmd_stat(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, sized without importing shutil: every parser
+    makes one, and shutil costs the command's start-up."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size(2).columns
+        except (ValueError, OSError):
+            columns = 80
+        super().__init__(prog, width=max(columns - 2, 20))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atomstore",
         description="Atomic file writes and a lock-free file queue (maildir style).",
         epilog=_EPILOG,
         allow_abbrev=False,
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -425,7 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         name: str, func: Callable[[argparse.Namespace], int], text: str, changes: bool = True
     ) -> argparse.ArgumentParser:
         sub = commands.add_parser(
-            name, help=text, description=text, epilog=_EPILOG, allow_abbrev=False
+            name,
+            help=text,
+            description=text,
+            epilog=_EPILOG,
+            allow_abbrev=False,
+            formatter_class=_Formatter,
         )
         if changes:
             sub.add_argument(

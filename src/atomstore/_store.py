@@ -89,9 +89,7 @@ class FileStore:
             raise ValueError(f"mode must be permission bits 0 to 0o777: {mode!r}")
         self.mode = mode
         if hostname is None:
-            import socket  # only here: its import costs the command's start-up
-
-            hostname = socket.gethostname() or "localhost"
+            hostname = _hostname() or "localhost"
         elif not isinstance(hostname, str) or not hostname:
             raise ValueError(f"hostname must be a non-empty str: {hostname!r}")
         self._host = escape_hostname(hostname)
@@ -703,6 +701,16 @@ class FileStore:
             for directory in sorted({os.path.dirname(p) for p in removed}):
                 _tree.sync_dir(directory)
         return removed
+
+
+def _hostname() -> str:
+    """socket.gethostname(), without importing socket where uname(2) tells
+    the same (gethostname(2) is uname's nodename on Linux)."""
+    if hasattr(os, "uname"):
+        return os.uname().nodename
+    import socket  # pragma: no cover - no uname
+
+    return socket.gethostname()  # pragma: no cover
 
 
 def _payload(data: Data, encoding: str) -> bytes | bytearray | memoryview | IO[bytes]:

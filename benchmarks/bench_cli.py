@@ -1,0 +1,72 @@
+"""Benchmark 8: what one ``atomstore`` command costs a shell script.
+
+Each round runs, in a rotating order, ``python -c pass`` (the floor: an
+interpreter that starts and stops), ``atomstore put FILE`` and ``atomstore
+take`` followed by nothing else, each as a fresh process, as a shell loop
+runs them.  Wall time per run; the ratio is the median of the per-round
+ratios to ``python -c pass``.  The store is on tmpfs and ``--no-sync``, so
+that only start-up and the command's own work count.
+
+    python benchmarks/bench_cli.py [--rounds 30] [--tmpfs /dev/shm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def timed(argv: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--tmpfs", default="/dev/shm")
+    options = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="atomstore-bench-cli-", dir=options.tmpfs)
+    try:
+        store = os.path.join(work, "spool")
+        payload = os.path.join(work, "payload")
+        with open(payload, "wb") as f:
+            f.write(b"x" * 1024)
+        cmd = [sys.executable, "-m", "atomstore"]
+        subprocess.run([*cmd, "init", store], check=True)
+        for _ in range(options.rounds + 1):  # take always finds a message
+            subprocess.run(
+                [*cmd, "put", "--no-sync", store, payload], check=True, stdout=subprocess.DEVNULL
+            )
+        contenders = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "atomstore put FILE": [*cmd, "put", "--no-sync", store, payload],
+            "atomstore take": [*cmd, "take", "--no-sync", store],
+        }
+        names = list(contenders)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(options.rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                times[name].append(timed(contenders[name]))
+        floor = times["python -c pass"]
+        print(f"{'contender':<22}{'ms/run':>8}{'ratio':>8}")
+        for name in names:
+            ratios = [t / f for t, f in zip(times[name], floor)]
+            print(
+                f"{name:<22}{statistics.median(times[name]) * 1e3:8.1f}"
+                f"{statistics.median(ratios):7.2f}x"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
