@@ -12,8 +12,10 @@ import contextlib
 import errno
 import hashlib
 import importlib.util
+import itertools
 import os
 import re
+import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -630,6 +632,48 @@ def test_kill_while_writing(fs: Mount, place: Path) -> None:
     # The kills landed both between writes and in the middle of them.
     assert seen["version"] > 0
     assert seen["leftovers"] > 0
+
+
+def test_killed_writers_of_new_files_leave_nothing(fs: Mount, place: Path) -> None:
+    # New names and new messages are written without any name until they are
+    # complete (O_TMPFILE): a kill at any moment leaves nothing for clean().
+    # Where O_TMPFILE is missing (FUSE) the hidden names are what clean()
+    # removes, as above.
+    store = FileStore(place / "kills", durable=False)
+    store.prepare()
+    seen = {"files": 0, "messages": 0, "leftovers": 0}
+
+    def work(trial: int) -> None:
+        for n in itertools.count():
+            atomic.write_bytes(place / f"new-{trial}-{n}", version_bytes(n + 1))
+            store.add(version_bytes(n + 1))
+
+    def check(trial: int) -> None:
+        extra = sorted(set(os.listdir(place)) - set(SEED_TOP) - {"kills"})
+        hidden = [n for n in extra if n.startswith(".")]
+        hidden += [f"tmp/{n}" for n in os.listdir(place / "kills" / "tmp")]
+        for name in extra:
+            if not name.startswith("."):
+                version_of((place / name).read_bytes())  # complete, or it raises
+                (place / name).unlink()
+                seen["files"] += 1
+        for path in store.list("new"):
+            version_of(Path(path).read_bytes())
+            os.unlink(path)
+            seen["messages"] += 1
+        if fs.kind.tmpfile:
+            assert hidden == [], f"trial {trial}: {hidden}"
+        else:
+            seen["leftovers"] += len(atomic.clean(place, older_than=0))
+            seen["leftovers"] += len(store.clean(older_than=0))
+
+    report = kill_trials(work, check, trials=KILL_TRIALS, seed=11, max_delay=0.03)
+    print(f"{fs.kind.name}: {report.killed} killed, {seen}")
+    shutil.rmtree(place / "kills")
+    assert_untouched_seed(place)
+    assert report.killed == KILL_TRIALS
+    assert seen["files"] > 0
+    assert seen["messages"] > 0
 
 
 # -- the FUSE passthrough itself, and remounts ------------------------------
