@@ -289,3 +289,18 @@ def test_signal_free_context(store: FileStore) -> None:
             signal.raise_signal(signal.SIGINT)
     (back,) = store.list("new")
     assert back.endswith(":1,A1")
+
+
+def test_a_release_that_counts_no_attempt(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s", max_attempts=1, durable=False)
+    store.prepare()
+    name = store.add(b"untouched")
+    claim = store.claim()
+    assert claim is not None
+    back = claim.release(count_attempt=False)
+    # Spent by max_attempts if it had counted; back as it was instead.
+    assert back == os.path.join(store.path, "new", name)
+    again = store.claim()
+    assert again is not None
+    assert again.attempts == 0
+    assert again.release().startswith(os.path.join(store.path, "dead", name))
