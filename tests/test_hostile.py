@@ -9,17 +9,15 @@ out of its directory: the victims outside stay exactly as they were.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from alarms import deadline
 from atomstore import FileStore, _info, _names, _renameat2, _store, atomic
 from fstree import store_entries, tree
 from tracing import Recorder, named_staging
@@ -265,24 +263,6 @@ def test_clean_removes_planted_links_without_following(store: FileStore, victim:
     assert sorted(store.clean(60)) == sorted(links)
     assert store_entries(store) == []
     assert victim.untouched()
-
-
-class Hung(Exception):
-    """A call still blocked at its deadline (not an OSError: never expected)."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    def expired(signum: int, frame: object) -> None:
-        raise Hung(f"still blocked after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def test_a_fifo_planted_in_new_does_not_hang_its_consumer(store: FileStore) -> None:

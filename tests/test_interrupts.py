@@ -10,29 +10,14 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from alarms import interrupt_after, scratch_on_tmpfs
 from atomstore import FileStore, atomic
 from fstree import listing, store_entries
-
-
-@contextmanager
-def interrupt_after(seconds: float) -> Iterator[None]:
-    def fire(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def storm(operation: Callable[[int], object], runs: int, longest: float) -> int:
@@ -56,15 +41,8 @@ def hidden(directory: str | Path) -> list[str]:
 @pytest.fixture
 def scratch(tmp_path: Path) -> Iterator[Path]:
     """tmpfs where there is one: the storm needs many fast operations."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        import shutil
-        import tempfile
-
-        path = Path(tempfile.mkdtemp(prefix="atomstore-interrupts-", dir="/dev/shm"))
+    with scratch_on_tmpfs("atomstore-interrupts-", tmp_path) as path:
         yield path
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        yield tmp_path
 
 
 def test_interrupted_file_writes_leave_nothing(scratch: Path) -> None:

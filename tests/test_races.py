@@ -42,7 +42,6 @@ import os
 import random
 import select
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from typing import Any, Callable
 
 import pytest
 
+from alarms import scratch_on_tmpfs
 from atomstore import FileStore, _rename, _syscalls
 from atomstore._info import split_info
 from atomstore._rename import Capabilities
@@ -96,14 +96,8 @@ Tracer = Callable[..., Any]
 @pytest.fixture
 def spool(tmp_path: Path) -> Iterator[Path]:
     """A scratch directory on tmpfs if there is one, else ``tmp_path``."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        path = Path(tempfile.mkdtemp(prefix="atomstore-races-", dir="/dev/shm"))
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-    else:
-        yield tmp_path
+    with scratch_on_tmpfs("atomstore-races-", tmp_path) as path:
+        yield path
 
 
 # -- messages -------------------------------------------------------------

@@ -14,7 +14,6 @@ import errno
 import math
 import os
 import shutil
-import signal
 import socket
 import stat
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from alarms import deadline
 from atomstore import ClaimLostError, FileStore, _rename, atomic
 from atomstore._rename import Capabilities
 from forked import Children, exit_code
@@ -37,22 +37,6 @@ def store(tmp_path: Path) -> FileStore:
     spool = FileStore(tmp_path / "spool", durable=False)
     spool.prepare()
     return spool
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Fail a call that blocks longer than ``seconds`` (SIGALRM)."""
-
-    def expired(signum: int, frame: object) -> None:
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # -- 1: two movers of one claim on the link fallback --------------------------
