@@ -501,3 +501,39 @@ def test_an_abandoned_file_leaves_no_buffer_to_spill_into_another_file(tmp_path:
         g.write(b"payload")
     assert (tmp_path / "b").read_bytes() == b"payload"
     assert listing(tmp_path) == ["b"]
+
+
+def test_a_file_object_whose_block_never_ended_cannot_write_elsewhere(tmp_path: Path) -> None:
+    # As when an interruption strikes on entering __exit__: the manager is
+    # collected with the file object still alive and holding buffered data.
+    manager = atomic.file(tmp_path / "a", "wb")
+    f = manager.__enter__()
+    f.write(b"<leak>" * 10)  # buffered
+    del manager
+    gc.collect()  # the descriptor is closed now
+    with open(tmp_path / "unrelated", "wb") as other:  # may get the same number
+        del f
+        gc.collect()
+        other.write(b"mine")
+    assert (tmp_path / "unrelated").read_bytes() == b"mine"
+    assert listing(tmp_path) == ["unrelated"]
+
+
+def test_new_names_never_rely_on_a_descriptor_the_application_may_close(
+    tmp_path: Path,
+) -> None:
+    # A daemon that closes every descriptor after a first write (as
+    # python-daemon does), and then opens a directory of its own.
+    from forked import Children, exit_code
+
+    def child() -> None:
+        atomic.write_bytes(tmp_path / "first", b"1")
+        os.closerange(3, 4096)
+        os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # takes the lowest number
+        atomic.write_bytes(tmp_path / "second", b"2")
+
+    with Children() as kids:
+        status = kids.wait(kids.start(child), timeout=30)
+    assert exit_code(status) == 0
+    assert (tmp_path / "second").read_bytes() == b"2"
+    assert listing(tmp_path) == ["first", "second"]

@@ -153,7 +153,7 @@ def traced_changes(line: str) -> list[Change]:
         return [("rename", _at(a[0], a[1]), _at(a[2], a[3]), bits, ok)]
     if name in ("link", "linkat"):
         paths = (_string(a[0]), _string(a[1])) if name == "link" else (_at(*a[:2]), _at(*a[2:4]))
-        if re.match(r"^/proc/\d+/fd/\d+$", paths[0]):  # naming an open file
+        if re.match(r"^/proc/(?:self|\d+)/fd/\d+$", paths[0]):  # naming an open file
             return [("link_fd", paths[1], ok)]
         return [("link", *paths, ok)]
     if name == "unlinkat":

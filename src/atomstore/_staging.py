@@ -38,17 +38,33 @@ class Temp:
     no file behind.
     """
 
-    __slots__ = ("fd", "path")
+    __slots__ = ("fd", "path", "raw")
 
     def __init__(self) -> None:
         self.path: str | None = None
         self.fd: int | None = None
+        # A raw file object over ``fd`` that does not own it (atomic.file's).
+        # It is closed first: a buffer or wrapper still around it would
+        # otherwise write, when collected, to whatever file reuses the number.
+        self.raw: IO[bytes] | None = None
 
     def close(self) -> None:
-        """Close the descriptor, once."""
+        """Close the descriptor, once (and the raw file object over it first)."""
+        raw, self.raw = self.raw, None
+        if raw is not None:
+            try:
+                raw.close()
+            except Exception:
+                pass
         fd, self.fd = self.fd, None
         if fd is not None:
             _close_quietly(fd)
+
+    def close_raw(self) -> None:
+        """Close the raw file object over the descriptor, not the descriptor."""
+        raw, self.raw = self.raw, None
+        if raw is not None:
+            raw.close()
 
     def discard(self) -> None:
         """Close the descriptor and remove the file: a cleanup path.
@@ -63,12 +79,13 @@ class Temp:
 
     def published(self) -> None:
         """The file has its final name: nothing is left to clean up."""
-        self.path = self.fd = None
+        self.path = self.fd = self.raw = None
 
     def __del__(self) -> None:
         # The last resort: an interruption that struck where no handler of
-        # the caller's could run (entering __exit__, say).
-        if self.path is not None or self.fd is not None:
+        # the caller's could run (entering __exit__, say; or __init__, when
+        # the attributes may not even be set).
+        if getattr(self, "path", None) is not None or getattr(self, "fd", None) is not None:
             try:
                 self.discard()
             except BaseException:  # interrupted in turn: finish, quietly

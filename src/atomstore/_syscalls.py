@@ -42,45 +42,30 @@ else:
     _fsync = os.fsync
 
 
-# /proc/self/fd, open once per process: linkat() through it gives a name to
-# a file opened with O_TMPFILE (open(2), "O_TMPFILE").  -1: not open yet;
-# -2: there is no /proc here.
-_proc_fd = -1
-
-
-def _proc_self_fd() -> int:
-    global _proc_fd
-    fd = _proc_fd
-    if fd == -1:
-        try:
-            fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            fd = -2
-        _proc_fd = fd
-    return fd
+# Whether /proc/self/fd is there to link an open file through (None: not
+# looked yet).  A path, looked up afresh at each call, never a cached
+# descriptor: a descriptor number can be closed and reused by the
+# application, a forked child would see its parent's table through it.
+_proc_fd_dir: bool | None = None
 
 
 def can_link_fd() -> bool:
     """Whether :func:`link_fd` can work here (a /proc to link through)."""
-    return _proc_self_fd() >= 0
-
-
-def _forget_proc_fd() -> None:
-    # A forked child's descriptor still shows its parent's descriptors.
-    global _proc_fd
-    fd, _proc_fd = _proc_fd, -1
-    if fd >= 0:
-        os.close(fd)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_proc_fd)
+    global _proc_fd_dir
+    if _proc_fd_dir is None:
+        _proc_fd_dir = os.path.isdir("/proc/self/fd")
+    return _proc_fd_dir
 
 
 def _link_fd(fd: int, dst: str) -> None:
-    """Give the open file ``fd`` the name ``dst``: linkat(2) through
-    /proc/self/fd with AT_SYMLINK_FOLLOW.  Never replaces (EEXIST)."""
-    os.link(str(fd), dst, src_dir_fd=_proc_self_fd(), follow_symlinks=True)
+    """Give the open file ``fd`` the name ``dst``: linkat(2) of
+    /proc/self/fd/N with AT_SYMLINK_FOLLOW (open(2), "O_TMPFILE").  Never
+    replaces (EEXIST).
+
+    ``src_dir_fd`` only makes os.link() call linkat() with the flag: the
+    kernel ignores it for an absolute path.
+    """
+    os.link(f"/proc/self/fd/{fd}", dst, src_dir_fd=fd, follow_symlinks=True)
 
 
 # The calls, by the names tracers see.  ``open`` is used to create or write a

@@ -184,8 +184,9 @@ def file(
     is flushed, fsynced (``durable``) and given the name ``path`` (a link, or
     a rename over the old file), then the directory is fsynced
     (``durable``).  When it raises, ``KeyboardInterrupt`` included, the new
-    file is removed and ``path`` is untouched.  Closing the file object
-    inside the block is allowed.
+    file is removed and ``path`` is untouched; only an error after the file
+    got its name (the directory's fsync) leaves the new file in place.
+    Closing the file object inside the block is allowed.
 
     :param mode: ``'w'`` (or ``'wt'``) for text, ``'wb'`` for bytes.
     :param overwrite: replace an existing file; by default an existing file
@@ -282,6 +283,7 @@ class AtomicFile:
             self._file = _fileobj.open_fd(
                 staged.fd, self._mode, self._temp or self._dest, *self._open_args, closefd=False
             )
+            staged.raw = getattr(getattr(self._file, "buffer", self._file), "raw", self._file)
         except BaseException:
             staged.discard()
             raise
@@ -294,12 +296,13 @@ class AtomicFile:
         if exc_type is not None:
             with contextlib.suppress(Exception):
                 f.close()
-            staged.discard()
+            staged.discard()  # the raw file object first, then the descriptor
             return
         try:
             if not f.closed:
                 f.flush()
                 f.close()
+            staged.close_raw()
             if self._temp is None:
                 _staging.link_anonymous(staged, self._dest, self._durable)
                 return
@@ -317,12 +320,9 @@ class AtomicFile:
             _staging.publish(self._temp, self._dest, caps, self._durable)
             staged.published()
         except BaseException:
-            # Closed before the descriptor goes: a file object left with
-            # buffered data would write it, when collected, to whatever
-            # file gets the descriptor's number next.
             with contextlib.suppress(Exception):
                 f.close()
-            staged.discard()
+            staged.discard()  # the raw file object first, then the descriptor
             raise
 
 
