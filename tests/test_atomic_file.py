@@ -423,6 +423,7 @@ def test_write_failure_leaves_nothing(tmp_path: Path, trace: Recorder, code: int
     with pytest.raises(OSError) as again:
         atomic.write_bytes(dest, b"y" * 10, overwrite=True)
     assert again.value.errno == code
+    assert again.value.filename == str(dest)  # write(2) names none: the destination
     assert dest.read_text() == "v1"
     assert listing(tmp_path) == ["state"]
 

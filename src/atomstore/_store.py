@@ -368,6 +368,11 @@ class FileStore:
                 self.durable,
             )
             staged.published()
+        except OSError as e:
+            staged.discard()
+            if e.filename is None:  # write(2) and fsync(2) name no file
+                raise OSError(e.errno, e.strerror, self._dirs["new"]) from e
+            raise
         except BaseException:
             staged.discard()
             raise

@@ -368,6 +368,11 @@ def write_bytes(
         staged.discard()
         _refuse_existing(dest)  # a directory is named as such
         raise
+    except OSError as e:
+        staged.discard()
+        if e.filename is None:  # write(2) and fsync(2) name no file
+            raise OSError(e.errno, e.strerror, dest) from e
+        raise
     except BaseException:
         staged.discard()
         raise
