@@ -213,18 +213,12 @@ def test_options_are_never_abbreviated_nor_offered_where_meaningless(
     assert not os.path.exists(os.path.join(store.path, "x"))
 
 
-def test_write_to_standard_output_in_a_pipe_explains_itself(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_write_to_standard_output_in_a_pipe_explains_itself(
+    tmp_path: Path, overwrite: list[str]
+) -> None:
     proc = subprocess.run(
-        [
-            "sh",
-            "-c",
-            'echo hi | "$@" | cat',
-            "sh",
-            *COMMAND,
-            "write",
-            "--overwrite",
-            "/dev/stdout",
-        ],
+        ["sh", "-c", 'echo hi | "$@" | cat', "sh", *COMMAND, "write", *overwrite, "/dev/stdout"],
         capture_output=True,
         timeout=60,
     )
@@ -232,6 +226,7 @@ def test_write_to_standard_output_in_a_pipe_explains_itself(tmp_path: Path) -> N
     assert "/dev/stdout" in err
     assert "/proc/" not in err
     assert "cat" in err
+    assert "--overwrite replaces" not in err
     assert err.count("\n") == 1
 
 

@@ -197,8 +197,9 @@ def cmd_write(args: argparse.Namespace) -> int:
                 f.write(chunk)
     except FileExistsError as e:
         if not _is_regular(e.filename):
-            kind = "it is not a regular file: write never replaces it"
-            raise FileExistsError(e.errno, f"File exists, and {kind}", e.filename) from None
+            hint = "File exists and is not a regular file (write never replaces one; "
+            hint += "to fill a pipe use cat)"
+            raise FileExistsError(e.errno, hint, e.filename) from None
         hint = "File exists (--overwrite replaces it)"
         raise FileExistsError(e.errno, hint, e.filename) from None
     except OSError as e:
