@@ -99,3 +99,42 @@ def test_interrupted_store_operations_leave_nothing(scratch: Path) -> None:
     assert [e for e in store_entries(store) if "/." in e] == []
     for entry in store_entries(store):
         assert Path(store.path, entry).read_bytes() == payload
+
+
+def test_nothing_stays_held_once_published(scratch: Path) -> None:
+    # The names held for removal at exit are only those still staged: a
+    # process that writes for ever holds none of what it finished.
+    from atomstore import _staging
+
+    store = FileStore(scratch / "spool", durable=False)
+    store.prepare()
+    before = dict(_staging._live)
+    for i in range(50):
+        atomic.write_bytes(scratch / f"n{i}", b"x")
+        atomic.write_bytes(scratch / "same", b"x", overwrite=True)
+        with atomic.file(scratch / "same", overwrite=True) as f:
+            f.write("y")
+        with atomic.folder(scratch / "site", overwrite=True) as staging:
+            (staging / "f").write_text("z")
+        store.add(b"m")
+        store.add_many([b"a", b"b"])
+    assert set(_staging._live) - set(before) == set()
+
+
+def test_a_process_interrupted_in_its_cleanup_leaves_nothing_at_exit(scratch: Path) -> None:
+    # The last resort: what an interruption kept from its cleanup goes when
+    # the process exits.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from atomstore import _staging\n"
+        "held = _staging.Temp()\n"
+        "_staging.open_temp(held, sys.argv[1], 'x')\n"
+        "held.hand_over()  # as a batch holds it, its cleanup never to come\n"
+        "raise SystemExit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(scratch)], timeout=60)
+    assert proc.returncode == 3
+    assert listing(scratch) == []

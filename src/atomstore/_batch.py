@@ -34,7 +34,7 @@ class Batch:
         try:
             name = self._store._stage(staged, data, encoding)
             self._staged.append((name, f"{self._store._dirs['tmp']}/{name}"))
-            staged.published()  # the batch's to publish or discard now
+            staged.hand_over()  # the batch's to publish or discard now
         except BaseException:
             staged.discard()
             raise
@@ -56,6 +56,7 @@ class Batch:
             while self._staged:
                 name, temp = self._staged[0]
                 _staging.publish(temp, os.path.join(new_dir, name), store._capabilities(), False)
+                _staging.let_go(temp)
                 self._staged.pop(0)
                 self.published.append(name)
         finally:
@@ -67,7 +68,10 @@ class Batch:
     def discard(self) -> None:
         """Remove what is staged and not yet published."""
         while self._staged:
-            _staging.unlink_quietly(self._staged.pop()[1])
+            temp = self._staged[-1][1]
+            _staging.unlink_quietly(temp)
+            _staging.let_go(temp)
+            self._staged.pop()
 
     def __enter__(self) -> Batch:
         return self

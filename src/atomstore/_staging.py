@@ -8,6 +8,7 @@ the new name is fsynced.  A failed fsync is reported, never retried.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import stat
@@ -29,6 +30,40 @@ _ATTEMPTS = 100
 _COPY_CHUNK = 1 << 20
 
 
+# Every staging name this process has made and not yet published or removed
+# (True: a tree), so that one an interruption kept from its cleanup still
+# goes when the process exits: a last resort behind the callers' own.
+_live: dict[str, bool] = {}
+
+
+def hold(path: str, tree: bool = False) -> None:
+    """Remember the staging name ``path`` until :func:`let_go`."""
+    _live[path] = tree
+
+
+def let_go(path: str) -> None:
+    """Forget ``path``: published, or removed."""
+    _live.pop(path, None)
+
+
+def _remove_live() -> None:
+    for path, tree in list(_live.items()):
+        try:
+            if tree:
+                _tree.remove_tree(path)
+            else:
+                unlink_quietly(path)
+        except OSError:
+            pass
+    _live.clear()
+
+
+atexit.register(_remove_live)
+if hasattr(os, "register_at_fork"):
+    # A child's exit must not remove what its parent is still writing.
+    os.register_at_fork(after_in_child=_live.clear)
+
+
 class Temp:
     """A staging file as it is made: its name, then its descriptor.
 
@@ -38,15 +73,33 @@ class Temp:
     no file behind.
     """
 
-    __slots__ = ("fd", "path", "raw")
+    __slots__ = ("_path", "fd", "raw")
 
     def __init__(self) -> None:
-        self.path: str | None = None
+        self._path: str | None = None
         self.fd: int | None = None
         # A raw file object over ``fd`` that does not own it (atomic.file's).
         # It is closed first: a buffer or wrapper still around it would
         # otherwise write, when collected, to whatever file reuses the number.
         self.raw: IO[bytes] | None = None
+
+    @property
+    def path(self) -> str | None:
+        """The staging name, while there may be a file under it."""
+        return self._path
+
+    @path.setter
+    def path(self, value: str | None) -> None:
+        if self._path is not None:
+            let_go(self._path)
+        self._path = value
+        if value is not None:
+            hold(value)
+
+    def hand_over(self) -> None:
+        """The file is someone else's to publish or remove now (a batch's):
+        forget it here, and keep it held."""
+        self._path = self.fd = self.raw = None
 
     def close(self) -> None:
         """Close the descriptor, once (and the raw file object over it first)."""
@@ -79,13 +132,14 @@ class Temp:
 
     def published(self) -> None:
         """The file has its final name: nothing is left to clean up."""
-        self.path = self.fd = self.raw = None
+        self.path = None
+        self.fd = self.raw = None
 
     def __del__(self) -> None:
         # The last resort: an interruption that struck where no handler of
         # the caller's could run (entering __exit__, say; or __init__, when
         # the attributes may not even be set).
-        if getattr(self, "path", None) is not None or getattr(self, "fd", None) is not None:
+        if getattr(self, "_path", None) is not None or getattr(self, "fd", None) is not None:
             try:
                 self.discard()
             except BaseException:  # interrupted in turn: finish, quietly

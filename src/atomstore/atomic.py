@@ -434,10 +434,12 @@ def _make_staging(into: list[str], parent: str, base: str, current: os.stat_resu
     for _ in range(100):
         staging = os.path.join(parent, _names.staging_name(base, "new"))
         into.append(staging)
+        _staging.hold(staging, tree=True)
         try:
             _syscalls.mkdir(staging, 0o777)
         except FileExistsError:
             into.pop()  # another's
+            _staging.let_go(staging)
             continue
         except OSError as e:
             raise OSError(e.errno, e.strerror, parent) from None
@@ -573,7 +575,7 @@ class AtomicFolder:
     def _remove_made(self) -> None:
         while self._made:
             _remove_surely(self._made[-1])
-            self._made.pop()
+            _staging.let_go(self._made.pop())
 
     def __del__(self) -> None:
         if self._made:
