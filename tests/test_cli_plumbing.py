@@ -233,29 +233,25 @@ def test_write_to_standard_output_in_a_pipe_explains_itself(
 # -- interrupted commands leave nothing ----------------------------------------
 
 
-def _run_time(argv: list[str], stdin: bytes) -> float:
+def _run_time(argv: list[str], stdin: Path | None) -> float:
     """How long the command takes, uninterrupted (the median of three)."""
     times = []
     for _ in range(3):
-        started = time.monotonic()
-        subprocess.run(argv, input=stdin, capture_output=True, check=True, timeout=60)
+        with open(stdin or os.devnull, "rb") as source:
+            started = time.monotonic()
+            subprocess.run(argv, stdin=source, capture_output=True, check=True, timeout=60)
         times.append(time.monotonic() - started)
     return sorted(times)[1]
 
 
 def _signals_at_random(
-    argv: list[str], stdin: bytes, runs: int, rng: random.Random, window: tuple[float, float]
+    argv: list[str], stdin: Path, runs: int, rng: random.Random, window: tuple[float, float]
 ) -> Iterator[int]:
     for _ in range(runs):
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(stdin)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
+        with open(stdin, "rb") as source:  # a file: the command reads at its pace
+            proc = subprocess.Popen(
+                argv, stdin=source, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
         # From about when the command's handlers are in place to its end.
         time.sleep(rng.uniform(*window))
         signum = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
@@ -272,12 +268,18 @@ def test_interrupted_commands_leave_nothing_behind(
     tmp_path: Path, store: FileStore, command: str
 ) -> None:
     rng = random.Random(1)
-    payload = os.urandom(1 << 16)
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(4 << 20))  # a few milliseconds of work to land in
     statuses: dict[int, int] = {}
     dest_dir = tmp_path / "dest"
     dest_dir.mkdir()
-    started = _run_time([*COMMAND, "--version"], b"")  # imports, no work
-    longest = _run_time([*COMMAND, "put", store.path], payload)
+    started = _run_time([*COMMAND, "ls", store.path], None)  # start-up, little work
+    if command == "write":
+        longest = _run_time([*COMMAND, "write", "--overwrite", str(tmp_path / "timed")], payload)
+    else:
+        longest = _run_time([*COMMAND, "put", store.path], payload)
+        for path in store.list("new"):
+            os.unlink(path)
     window = (started * 0.9, longest * 1.1)
     for i in range(150):
         if command == "write":
@@ -288,7 +290,8 @@ def test_interrupted_commands_leave_nothing_behind(
         statuses[status] = statuses.get(status, 0) + 1
     # The signals did land while the command ran, its handlers in place.
     handled = sum(statuses.get(s, 0) for s in (130, 143, 129))
-    assert handled > 20, statuses
+    print(f"{command}: exit statuses {sorted(statuses.items())}")
+    assert handled >= 10, statuses
     assert [n for n in listing(dest_dir) if n.startswith(".")] == []
     assert store.list("tmp") == []
     assert [e for e in store_entries(store) if "/." in e] == []
