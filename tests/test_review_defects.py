@@ -256,14 +256,18 @@ def test_3_a_dead_area_that_is_a_symlink_is_never_followed(
     with pytest.raises(NotADirectoryError) as info:
         store.list("dead")
     assert info.value.filename == os.path.join(store.path, "dead")
-    with pytest.raises(NotADirectoryError):
+    dead = os.path.join(store.path, "dead")
+    with pytest.raises(NotADirectoryError) as requeued:
         store.requeue("private")
+    assert (requeued.value.errno, requeued.value.filename) == (errno.ENOTDIR, dead)
     picky = FileStore(store.path, durable=False, max_attempts=1)
     picky.add(b"m")
     claim = picky.claim()
     assert claim is not None
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(NotADirectoryError) as released:
         claim.release()
+    assert (released.value.errno, released.value.filename) == (errno.ENOTDIR, dead)
+    assert picky.list("cur") == [claim.path]  # still held
     assert listing(outside) == ["private"]
     assert store.list("new") == []
 
@@ -691,10 +695,13 @@ def test_batches_never_follow_a_new_area_that_is_a_symlink(
     outside.mkdir()
     os.rename(os.path.join(store.path, "new"), tmp_path / "real-new")
     os.symlink(outside, os.path.join(store.path, "new"))
-    with pytest.raises(NotADirectoryError):
+    new = os.path.join(store.path, "new")
+    with pytest.raises(NotADirectoryError) as info:
         store.add_many([b"a", b"b"])
-    with pytest.raises(NotADirectoryError), store.batch() as batch:
+    assert (info.value.errno, info.value.filename) == (errno.ENOTDIR, new)
+    with pytest.raises(NotADirectoryError) as again, store.batch() as batch:
         batch.add(b"c")
+    assert (again.value.errno, again.value.filename) == (errno.ENOTDIR, new)
     assert listing(outside) == []
     assert listing(os.path.join(store.path, "tmp")) == []
 
@@ -711,9 +718,12 @@ def test_a_claim_from_a_cached_listing_checks_the_areas_again(
     outside.mkdir()
     os.rename(os.path.join(store.path, area), tmp_path / "real")
     os.symlink(outside, os.path.join(store.path, area))
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(NotADirectoryError) as info:
         store.claim()
+    assert info.value.errno == errno.ENOTDIR
+    assert info.value.filename == os.path.join(store.path, area)
     assert listing(outside) == []
+    assert len(store.list("new" if area == "cur" else "cur")) == (2 if area == "cur" else 1)
 
 
 def test_threads_writing_at_once_never_trip_over_the_mount_watch(

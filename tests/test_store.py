@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import pytest
 
+from alarms import deadline
 from atomstore import Claim, ClaimLostError, FileStore
 from atomstore._info import escape_hostname, join_info, split_info
 from atomstore._rename import Capabilities
@@ -790,3 +791,22 @@ def test_names_of_one_process_sort_in_order_even_when_the_clock_goes_back(
     names += [store.unique_name() for _ in range(3)]  # ahead, then set back an hour
     assert sorted(names) == names
     assert len(set(names)) == len(names)
+
+
+def test_a_cur_area_gone_during_a_claim_is_an_error_not_a_spin(
+    store: FileStore, trace: Recorder
+) -> None:
+    for i in range(3):
+        store.add(b"%d" % i)
+    cur = os.path.join(store.path, "cur")
+
+    def cur_goes_first(src: str, dst: str) -> None:
+        if os.path.isdir(cur):
+            os.rmdir(cur)  # after the claim looked at it, before its rename
+        os.rename(src, dst)
+
+    trace.replace["rename"] = cur_goes_first
+    with deadline(5), pytest.raises(FileNotFoundError, match="prepared") as info:
+        store.claim()
+    assert info.value.filename == cur
+    assert len(store.list("new")) == 3

@@ -69,7 +69,7 @@ class Batch:
         """Remove what is staged and not yet published."""
         while self._staged:
             temp = self._staged[-1][1]
-            _staging.unlink_quietly(temp)
+            _tree.unlink_quietly(temp)
             _staging.let_go(temp)
             self._staged.pop()
 

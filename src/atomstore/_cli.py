@@ -335,22 +335,25 @@ def cmd_done(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_release(args: argparse.Namespace) -> int:
+def _do_then_say(
+    args: argparse.Namespace, done: str, work: Callable[[FileStore], Sequence[str]]
+) -> int:
+    """Do ``work`` with the ending signals held back, then print the paths
+    it returns (or say what was ``done`` if they cannot be printed)."""
     store = _store(args)
-    _stdout()
+    _stdout()  # nowhere to say what was done: do nothing
     with _signals_blocked():
-        back = store.claimed(args.name).release()
-    _hand_on([back], _end(args), "released to")
+        paths = work(store)
+    _hand_on(paths, _end(args), done)
     return EXIT_OK
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    return _do_then_say(args, "released to", lambda s: [s.claimed(args.name).release()])
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    store = _store(args)
-    _stdout()
-    with _signals_blocked():
-        paths = store.recover(args.older_than)
-    _hand_on(paths, _end(args), "recovered")
-    return EXIT_OK
+    return _do_then_say(args, "recovered", lambda s: s.recover(args.older_than))
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
@@ -373,12 +376,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    store = _store(args)
-    _stdout()
-    with _signals_blocked():
-        removed = store.clean(args.older_than)
-    _hand_on(removed, _end(args), "removed")
-    return EXIT_OK
+    return _do_then_say(args, "removed", lambda s: s.clean(args.older_than))
 
 
 def area_stats(store: FileStore) -> dict[str, dict[str, Any]]:

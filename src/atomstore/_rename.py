@@ -26,7 +26,6 @@ import threading
 
 from . import _names, _renameat2, _syscalls, _tree
 from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
-from ._tree import remove_tree
 
 # renameat2 flags unsupported: EINVAL (FUSE, NFS, ZFS < 2.2, or a kernel that
 # rejects the flag), ENOSYS (old kernel, seccomp), EOPNOTSUPP.
@@ -225,24 +224,10 @@ def _probe(directory: str) -> Capabilities | None:
     except OSError:
         return None
     finally:
-        _remove_scratch(scratch)
-
-
-def _remove_scratch(scratch: str) -> None:
-    # A probe must not fail the operation that asked for it: a scratch
-    # directory that cannot be removed now is a staging name clean() removes.
-    try:
-        _remove_tree_quietly(scratch)
-    except BaseException:
-        _remove_tree_quietly(scratch)  # finished, then the interruption goes on
-        raise
-
-
-def _remove_tree_quietly(scratch: str) -> None:
-    try:
-        remove_tree(scratch)
-    except OSError:
-        pass
+        # A probe must not fail the operation that asked for it: a scratch
+        # directory that cannot be removed now is a staging name clean()
+        # removes.
+        _tree.remove_surely(scratch)
 
 
 def _probe_in(scratch: str) -> Capabilities:
@@ -383,7 +368,7 @@ def _link_then_unlink(src: str, dst: str, durable: bool, private: bool) -> bool:
     except OSError as e:
         if e.errno != errno.ENOENT and not os.path.lexists(src):
             return True  # an unknown outcome (EIO), looked at: src is gone
-        _unlink_quietly(dst)
+        _tree.unlink_quietly(dst)
         if e.errno == errno.ENOENT:
             # Another process moved or removed src between our link and
             # unlink: it won.
@@ -393,20 +378,13 @@ def _link_then_unlink(src: str, dst: str, durable: bool, private: bool) -> bool:
         # Interrupted (KeyboardInterrupt): take the link back only while the
         # source surely still names the file.
         if os.path.lexists(src):
-            _unlink_quietly(dst)
+            _tree.unlink_quietly(dst)
         raise
     return True
 
 
 def _missing_error(src: str, dst: str) -> FileNotFoundError:
     return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), src, None, dst)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        _syscalls.unlink(path)
-    except OSError:
-        pass
 
 
 def _same_entry(a: str, b: str) -> bool:

@@ -16,6 +16,7 @@ from typing import IO
 
 from . import _names, _rename, _syscalls, _tree
 from ._rename import Capabilities
+from ._tree import unlink_quietly
 
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
@@ -48,13 +49,7 @@ def let_go(path: str) -> None:
 
 def _remove_live() -> None:
     for path, tree in list(_live.items()):
-        try:
-            if tree:
-                _tree.remove_tree(path)
-            else:
-                unlink_quietly(path)
-        except OSError:
-            pass
+        (_tree.remove_quietly if tree else unlink_quietly)(path)
     _live.clear()
 
 
@@ -103,12 +98,10 @@ class Temp:
 
     def close(self) -> None:
         """Close the descriptor, once (and the raw file object over it first)."""
-        raw, self.raw = self.raw, None
-        if raw is not None:
-            try:
-                raw.close()
-            except Exception:
-                pass
+        try:
+            self.close_raw()
+        except Exception:
+            pass
         fd, self.fd = self.fd, None
         if fd is not None:
             _close_quietly(fd)
@@ -369,13 +362,5 @@ def discard(temp: str, fd: int | None) -> None:
 def _close_quietly(fd: int) -> None:
     try:
         _syscalls.close(fd)
-    except OSError:
-        pass
-
-
-def unlink_quietly(path: str) -> None:
-    """Remove ``path`` if it is there; errors are ignored (a cleanup path)."""
-    try:
-        _syscalls.unlink(path)
     except OSError:
         pass

@@ -233,7 +233,7 @@ class FileStore:
         try:
             return _fileobj.open_fd(fd, mode, path, buffering, encoding, errors, newline)
         except BaseException:
-            _staging.unlink_quietly(path)  # open_fd closed the descriptor
+            _tree.unlink_quietly(path)  # open_fd closed the descriptor
             raise
 
     def list(self, area: str) -> builtins.list[str]:
@@ -489,6 +489,9 @@ class FileStore:
         lost = 0
         while True:
             if not backlog:
+                if lost:
+                    # Every rename failed: perhaps cur/ (or new/) went away.
+                    new_dir, cur_dir = self._checked("new"), self._checked("cur")
                 backlog = self._backlog = self._list_new()
                 if not backlog:
                     return None
@@ -520,8 +523,6 @@ class FileStore:
                 # between consumers racing for the same message.
                 _syscalls.rename(source, claim_path)
             except FileNotFoundError:
-                if not os.path.isdir(cur_dir):
-                    raise self._not_prepared("cur") from None  # every claim fails
                 lost += 1
                 continue  # another consumer was faster
             except OSError as e:

@@ -108,3 +108,31 @@ def _remove_entry(dir_fd: int, name: str) -> None:
         _syscalls.rmdir(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove the file ``path`` if it is there; errors are ignored (a
+    cleanup path)."""
+    try:
+        _syscalls.unlink(path)
+    except OSError:
+        pass
+
+
+def remove_quietly(path: str) -> None:
+    """:func:`remove_tree`, errors ignored: what stays keeps its staging
+    name, for clean()."""
+    try:
+        remove_tree(path)
+    except OSError:
+        pass
+
+
+def remove_surely(path: str) -> None:
+    """:func:`remove_quietly`, finished even when interrupted (and the
+    interruption raised again): a tree half removed is no tree to leave."""
+    try:
+        remove_quietly(path)
+    except BaseException:
+        remove_quietly(path)
+        raise

@@ -62,6 +62,10 @@ def _split(dest: str) -> tuple[str, str]:
     return directory or "/", base
 
 
+# A symlink followed by the kernel (O_PATH: nothing is opened for reading).
+_FOLLOW_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK) | os.O_CLOEXEC
+
+
 def _target(path: object, follow_symlinks: bool) -> tuple[str, os.stat_result | None]:
     """The path to replace and its current status (None if missing).
 
@@ -111,8 +115,6 @@ def _follow(link: str) -> tuple[str, os.stat_result | None]:
         os.close(fd)
     return target, st
 
-
-_FOLLOW_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK) | os.O_CLOEXEC
 
 _KINDS = (
     (stat.S_ISFIFO, "a FIFO"),
@@ -449,23 +451,6 @@ def _make_staging(into: list[str], parent: str, base: str, current: os.stat_resu
     raise FileExistsError(errno.EEXIST, "no free staging name", parent)
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        _tree.remove_tree(path)
-    except OSError:
-        pass  # left under its staging name for clean()
-
-
-def _remove_surely(path: str) -> None:
-    """:func:`_remove_quietly`, finished even when interrupted (and the
-    interruption raised again): a tree half removed is no tree to leave."""
-    try:
-        _remove_quietly(path)
-    except BaseException:
-        _remove_quietly(path)
-        raise
-
-
 def folder(
     path: StrPath,
     *,
@@ -570,11 +555,11 @@ class AtomicFolder:
             self._remove_made()
             if old is not None:
                 # The old tree the fallback moved aside.
-                _remove_surely(old)
+                _tree.remove_surely(old)
 
     def _remove_made(self) -> None:
         while self._made:
-            _remove_surely(self._made[-1])
+            _tree.remove_surely(self._made[-1])
             _staging.let_go(self._made.pop())
 
     def __del__(self) -> None:
