@@ -562,6 +562,12 @@ WORKLOADS: tuple[Workload, ...] = (
     _store("store: add, named staging", store(), add(b"m1"), add(b"m2"), caps=NAMED_ONLY),
     _store("store: add_many 3", store(), add_many(b"one", b"two", b"three")),
     _store(
+        "store: add_many 3, named staging",
+        store(),
+        add_many(b"one", b"two", b"three"),
+        caps=NAMED_ONLY,
+    ),
+    _store(
         "store: release to dead/",
         store(b"poison"),
         claim("c"),

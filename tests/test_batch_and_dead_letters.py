@@ -6,13 +6,15 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from atomstore import Batch, ClaimLostError, FileStore
+from atomstore._batch import UNNAMED_MAX
 from fstree import store_entries
-from tracing import Recorder
+from tracing import ANONYMOUS_NAME, Recorder, named_staging
 
 
 @pytest.fixture
@@ -24,19 +26,51 @@ def store(tmp_path: Path) -> FileStore:
     return s
 
 
+@pytest.fixture(params=["unnamed", "named"])
+def staging(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Both ways a batch stages: files without a name in new/ (O_TMPFILE),
+    and hidden names in tmp/, as where O_TMPFILE is missing."""
+    if request.param == "named":
+        with named_staging():
+            yield request.param
+    else:
+        yield request.param
+
+
 # -- batches --------------------------------------------------------------
 
 
 def test_add_many_delivers_in_order_with_one_directory_fsync(
-    store: FileStore, trace: Recorder
+    store: FileStore, trace: Recorder, staging: str
 ) -> None:
     names = store.add_many([b"one", "two", bytearray(b"three")])
     assert [os.path.basename(p) for p in store.list("new")] == names
     assert [Path(p).read_bytes() for p in store.list("new")] == [b"one", b"two", b"three"]
     synced = trace.fsynced_paths()
     tmp, new = (os.path.join(store.path, a) for a in ("tmp", "new"))
-    assert synced == [os.path.join(tmp, n) for n in names] + [new]
+    if staging == "named":
+        assert synced == [os.path.join(tmp, n) for n in names] + [new]
+    else:
+        assert synced == [os.path.join(new, ANONYMOUS_NAME)] * 3 + [new]
+        assert trace.count("link_fd") == 3
+        assert trace.count("rename") == trace.count("renameat2") == 0
     assert store_entries(store) == [f"new/{n}" for n in names]
+
+
+def test_a_large_batch_holds_a_bounded_number_of_descriptors(
+    tmp_path: Path, trace: Recorder
+) -> None:
+    store = FileStore(tmp_path / "s", durable=False)
+    store.prepare()
+    count = UNNAMED_MAX + 40
+    names = store.add_many(f"m{i}".encode() for i in range(count))
+    assert len(names) == count
+    assert trace.count("link_fd") == UNNAMED_MAX  # the rest went through tmp/
+    assert [Path(p).read_bytes() for p in store.list("new")] == [
+        f"m{i}".encode() for i in range(count)
+    ]
+    assert store_entries(store) == [f"new/{n}" for n in names]
+    assert len(os.listdir("/proc/self/fd")) < 100  # every descriptor closed
 
 
 def test_add_many_of_nothing(store: FileStore, trace: Recorder) -> None:
@@ -44,19 +78,20 @@ def test_add_many_of_nothing(store: FileStore, trace: Recorder) -> None:
     assert trace.count("fsync") == 0
 
 
-def test_batch_publishes_nothing_before_it_closes(store: FileStore) -> None:
+def test_batch_publishes_nothing_before_it_closes(store: FileStore, staging: str) -> None:
     with store.batch() as batch:
         assert isinstance(batch, Batch)
         first = batch.add(b"a")
         second = batch.add(b"b")
         assert store.list("new") == []
         assert store.claim() is None
-        assert sorted(os.listdir(os.path.join(store.path, "tmp"))) == sorted([first, second])
+        staged = sorted(os.listdir(os.path.join(store.path, "tmp")))
+        assert staged == (sorted([first, second]) if staging == "named" else [])
     assert batch.published == [first, second]
     assert [os.path.basename(p) for p in store.list("new")] == [first, second]
 
 
-def test_batch_that_raises_delivers_nothing(store: FileStore) -> None:
+def test_batch_that_raises_delivers_nothing(store: FileStore, staging: str) -> None:
     with pytest.raises(RuntimeError):
         with store.batch() as batch:
             batch.add(b"a")
@@ -66,7 +101,9 @@ def test_batch_that_raises_delivers_nothing(store: FileStore) -> None:
     assert store_entries(store) == []
 
 
-def test_add_many_failing_midway_delivers_nothing(store: FileStore, trace: Recorder) -> None:
+def test_add_many_failing_midway_delivers_nothing(
+    store: FileStore, trace: Recorder, staging: str
+) -> None:
     def items() -> object:
         yield b"a"
         yield b"b"
@@ -81,19 +118,23 @@ def test_add_many_failing_midway_delivers_nothing(store: FileStore, trace: Recor
     assert store_entries(store) == []
 
 
-def test_batch_publish_failure_keeps_what_was_delivered(store: FileStore, trace: Recorder) -> None:
+def test_batch_publish_failure_keeps_what_was_delivered(
+    store: FileStore, trace: Recorder, staging: str
+) -> None:
     batch = store.batch()
     names = [batch.add(x) for x in (b"a", b"b", b"c")]
-    trace.fail("renameat2", errno.EIO, when=lambda call: call.args[1].endswith(names[1]))
+    publisher = "renameat2" if staging == "named" else "link_fd"
+    trace.fail(publisher, errno.EIO, when=lambda call: call.args[1].endswith(names[1]))
     with pytest.raises(OSError) as info:
         batch.commit()
     assert info.value.errno == errno.EIO
+    assert names[1] in str(info.value)  # the message it failed on is named
     assert batch.published == names[:1]
     assert store_entries(store) == [f"new/{names[0]}"]
     assert trace.fsynced_paths()[-1] == os.path.join(store.path, "new")
 
 
-def test_batch_not_durable(tmp_path: Path, trace: Recorder) -> None:
+def test_batch_not_durable(tmp_path: Path, trace: Recorder, staging: str) -> None:
     store = FileStore(tmp_path / "s", durable=False)
     store.prepare()
     store.add_many([b"a", b"b"])
@@ -101,7 +142,7 @@ def test_batch_not_durable(tmp_path: Path, trace: Recorder) -> None:
     assert len(store.list("new")) == 2
 
 
-def test_batch_checks_types(store: FileStore) -> None:
+def test_batch_checks_types(store: FileStore, staging: str) -> None:
     with pytest.raises(TypeError, match="bytes-like"):
         store.add_many([b"ok", 3])  # type: ignore[list-item]
     assert store_entries(store) == []

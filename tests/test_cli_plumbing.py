@@ -398,3 +398,43 @@ def test_names_in_errors_stay_on_one_line(tmp_path: Path, store: FileStore) -> N
     proc = run("put", store.path, str(tmp_path / "no\nsuch\xe9"))
     err = one_error_line(proc, "no\\nsuch")
     assert "\\xc3\\xa9" not in err  # é is UTF-8 here: shown as itself
+
+
+# Modules a command must not pay for at start-up: each costs 1 to 6 ms, and
+# a shell loop pays it per message.  (``re`` and ``locale`` stay: argparse
+# and its gettext import them.)
+_HEAVY_MODULES = (
+    "ctypes",
+    "dataclasses",
+    "datetime",
+    "hashlib",
+    "json",
+    "pathlib",
+    "random",
+    "shutil",
+    "socket",
+    "subprocess",
+    "typing",
+)
+
+
+@pytest.mark.parametrize("command", ["put", "take", "write"])
+def test_a_command_imports_nothing_it_does_not_use(store: FileStore, command: str) -> None:
+    argv = {
+        "put": ["put", "--no-sync", store.path, "-"],
+        "take": ["take", "--no-sync", store.path],
+        "write": ["write", "--no-sync", os.path.join(store.path, "out")],
+    }[command]
+    store.add(b"m")
+    probe = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "from atomstore._cli import main\n"
+        f"status = main({argv!r})\n"
+        f"loaded = sorted(set(sys.modules) - before & set({_HEAVY_MODULES!r}))\n"
+        "print(status, *loaded, file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], input=b"data", capture_output=True, timeout=60
+    )
+    assert proc.stderr.decode().split() == ["0"], proc.stderr.decode()

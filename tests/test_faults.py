@@ -191,6 +191,11 @@ OPS = {
         Op("add", with_store, lambda w: w.s.add(PAYLOAD)),
         Op("add, named", with_store, named(lambda w: w.s.add(PAYLOAD))),
         Op("add_many", with_store, lambda w: w.s.add_many([PAYLOAD, b"second message"])),
+        Op(
+            "add_many, named",
+            with_store,
+            named(lambda w: w.s.add_many([PAYLOAD, b"second message"])),
+        ),
         Op("move tmp to new", with_file_in("tmp"), lambda w: w.s.move("m", "tmp", "new")),
         Op("move new to cur", with_file_in("new"), lambda w: w.s.move("m", "new", "cur")),
         Op("copy", with_file_in("cur"), lambda w: w.s.copy("m", "cur", "new")),
@@ -316,6 +321,7 @@ WRITERS = [
     "add",
     "add, named",
     "add_many",
+    "add_many, named",
     "copy",
 ]
 
@@ -357,7 +363,7 @@ NO_CLOBBER = [
     "write_bytes new, named",
     "folder new",
     "add, named",
-    "add_many",
+    "add_many, named",
     "move tmp to new",
     "move new to cur",
     "copy",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import datetime
 import os
-from typing import Union
+import sys
 
-StrPath = Union[str, "os.PathLike[str]"]
-Duration = Union[float, int, datetime.timedelta]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import datetime
+    from typing import Union
+
+    StrPath = Union[str, os.PathLike[str]]
+    Duration = Union[float, int, datetime.timedelta]
 
 
 def fspath(path: object, what: str = "path") -> str:
@@ -29,8 +33,11 @@ def fspath(path: object, what: str = "path") -> str:
 
 def seconds(value: object, what: str = "older_than") -> float:
     """A duration in seconds from a number or a ``timedelta``."""
-    if isinstance(value, datetime.timedelta):
-        result = value.total_seconds()
+    # A timedelta exists only once datetime was imported: looked up, not
+    # imported, which would cost every command's start-up.
+    datetime = sys.modules.get("datetime")
+    if datetime is not None and isinstance(value, datetime.timedelta):
+        result = float(value.total_seconds())
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             result = float(value)

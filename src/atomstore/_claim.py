@@ -6,11 +6,13 @@ import errno
 import os
 import stat
 import time
-from typing import IO, TYPE_CHECKING, Any
 
 from . import _syscalls, _tree, _watch
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
+    from typing import IO, Any
+
     from ._store import FileStore
 
 READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)

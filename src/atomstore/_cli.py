@@ -18,12 +18,15 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import IO, Any, Callable
 
 from . import __version__, atomic
 from ._claim import Claim
 from ._store import AREAS, FileStore
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+    from typing import IO, Any, Callable
 
 EXIT_OK = 0
 EXIT_ERROR = 1

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import io
 import os
-from typing import IO, Any
 
 from . import _syscalls
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 _WRITE_MODES = frozenset({"w", "wt", "tw", "wb", "bw"})
 

@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import re
 
-_rng = random.Random()
 _count = itertools.count()
-_prefix = f"{_rng.getrandbits(24):06x}"
+
+
+def _draw_prefix() -> str:
+    return os.urandom(3).hex()
+
+
+_prefix = _draw_prefix()
 
 
 def _reseed() -> None:
     # A forked child must not draw the parent's tokens.
     global _prefix
-    _rng.seed()
-    _prefix = f"{_rng.getrandbits(24):06x}"
+    _prefix = _draw_prefix()
 
 
 if hasattr(os, "register_at_fork"):
@@ -47,14 +50,19 @@ def token() -> str:
     return f"{_prefix}{next(_count) & 0xFFFFFF:06x}"
 
 
+# The random module is not imported: its import costs every command's
+# start-up, and the few draws here (once per process, and after a lost
+# claim race) are cheap enough from the kernel.
+
+
 def random_below(n: int) -> int:
-    """A random int from 0 to ``n`` - 1."""
-    return _rng.randrange(n)
+    """A random int from 0 to ``n`` - 1 (``n`` small: at most 2**16)."""
+    return int.from_bytes(os.urandom(4), "big") % n
 
 
 def random_hex(digits: int) -> str:
     """``digits`` random hex digits."""
-    return f"{_rng.getrandbits(4 * digits):0{digits}x}"
+    return os.urandom((digits + 1) // 2).hex()[:digits]
 
 
 def _shorten(base: str) -> str:
@@ -75,7 +83,10 @@ def shortened(base: str) -> bool:
 
 def staging_name(base: str, kind: str) -> str:
     """A fresh hidden name for staging ``base`` (``kind``: tmp, new or old)."""
-    return f".{_shorten(base)}.atomstore-{token()}.{kind}"
+    if len(base) > _BASE_MAX_BYTES // 4:
+        base = _shorten(base)
+    # token(), inline: this is on every write's path.
+    return f".{base}.atomstore-{_prefix}{next(_count) & 0xFFFFFF:06x}.{kind}"
 
 
 def is_staging(name: str) -> bool:

@@ -12,7 +12,6 @@ import errno
 import functools
 import os
 import sys
-from typing import Any, Callable
 
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
@@ -42,8 +41,12 @@ _SYSCALL_NUMBERS = {
 }
 _X32_SYSCALL_BIT = 0x40000000
 
-# renameat2(olddirfd, oldpath, newdirfd, newpath, flags) -> 0 or -1 (errno)
-_Binding = Callable[[int, bytes, int, bytes, int], int]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+    # renameat2(olddirfd, oldpath, newdirfd, newpath, flags) -> 0 or -1 (errno)
+    _Binding = Callable[[int, bytes, int, bytes, int], int]
 
 
 def _syscall_number(machine: str, pointer_size: int) -> int | None:

@@ -12,13 +12,17 @@ import atexit
 import errno
 import os
 import stat
-from typing import IO
 
-from . import _names, _rename, _syscalls, _tree
+from . import _modes, _names, _rename, _syscalls, _tree
 from ._rename import Capabilities
 from ._tree import unlink_quietly
 
-FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import IO
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _O_NOFOLLOW
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 ANONYMOUS_FLAGS = _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
 # O_TMPFILE refused: by the filesystem (EOPNOTSUPP: NFS, most FUSE), or by a
@@ -63,38 +67,37 @@ class Temp:
     """A staging file as it is made: its name, then its descriptor.
 
     The caller makes one before anything exists and discards it if anything
-    raises: the name is known before the file is created, so an interruption
-    at any moment (KeyboardInterrupt, a signal handler's SystemExit) leaves
-    no file behind.
+    raises: the name is known (and held, see :func:`hold`) before the file
+    is created, so an interruption at any moment (KeyboardInterrupt, a
+    signal handler's SystemExit) leaves no file behind.
     """
 
-    __slots__ = ("_path", "fd", "raw")
+    __slots__ = ("fd", "path", "raw")
 
     def __init__(self) -> None:
-        self._path: str | None = None
+        # The staging name, while there may be a file under it.
+        self.path: str | None = None
         self.fd: int | None = None
         # A raw file object over ``fd`` that does not own it (atomic.file's).
         # It is closed first: a buffer or wrapper still around it would
         # otherwise write, when collected, to whatever file reuses the number.
         self.raw: IO[bytes] | None = None
 
-    @property
-    def path(self) -> str | None:
-        """The staging name, while there may be a file under it."""
-        return self._path
+    def name(self, path: str) -> None:
+        """Take ``path`` as the staging name, held before the file exists."""
+        _live[path] = False
+        self.path = path
 
-    @path.setter
-    def path(self, value: str | None) -> None:
-        if self._path is not None:
-            let_go(self._path)
-        self._path = value
-        if value is not None:
-            hold(value)
+    def unname(self) -> None:
+        """Forget the staging name: published, removed, or never ours."""
+        path, self.path = self.path, None
+        if path is not None:
+            _live.pop(path, None)
 
     def hand_over(self) -> None:
         """The file is someone else's to publish or remove now (a batch's):
         forget it here, and keep it held."""
-        self._path = self.fd = self.raw = None
+        self.path = self.fd = self.raw = None
 
     def close(self) -> None:
         """Close the descriptor, once (and the raw file object over it first)."""
@@ -104,7 +107,7 @@ class Temp:
             pass
         fd, self.fd = self.fd, None
         if fd is not None:
-            _close_quietly(fd)
+            close_quietly(fd)
 
     def close_raw(self) -> None:
         """Close the raw file object over the descriptor, not the descriptor."""
@@ -121,29 +124,44 @@ class Temp:
         path = self.path
         if path is not None:
             unlink_quietly(path)
-            self.path = None
+            self.unname()
 
     def published(self) -> None:
         """The file has its final name: nothing is left to clean up."""
-        self.path = None
+        self.unname()
         self.fd = self.raw = None
 
+
+class GuardedTemp(Temp):
+    """A :class:`Temp` that discards itself when collected undiscarded.
+
+    For a staging file that lives while the caller's code runs (an
+    ``atomic.file()`` block): an interruption can strike where no handler of
+    the caller's runs (entering ``__exit__``, say).  The short writes, whose
+    every step is inside their own ``try``, do without the cost of a
+    finalizer.
+    """
+
+    __slots__ = ()
+
     def __del__(self) -> None:
-        # The last resort: an interruption that struck where no handler of
-        # the caller's could run (entering __exit__, say; or __init__, when
-        # the attributes may not even be set).
-        if getattr(self, "_path", None) is not None or getattr(self, "fd", None) is not None:
+        # In __init__ the attributes may not even be set yet.
+        if getattr(self, "path", None) is not None or getattr(self, "fd", None) is not None:
             try:
                 self.discard()
             except BaseException:  # interrupted in turn: finish, quietly
                 self.discard()
 
 
-def open_anonymous(into: Temp, directory: str, perms: int | None = None) -> bool:
+def open_anonymous(
+    into: Temp, directory: str, perms: int | None = None, *, nofollow: bool = False
+) -> bool:
     """Create an unnamed file in ``directory`` (O_TMPFILE) as ``into``.
 
     Nothing is ever left of it unless :func:`link_anonymous` names it: a
     process killed at any moment leaves no file.
+
+    :param nofollow: refuse ``directory`` if it is a symlink (ENOTDIR).
 
     :returns: False where the filesystem, the kernel or a missing /proc do
         not allow it (remembered for ``directory``): stage under a name.
@@ -152,7 +170,11 @@ def open_anonymous(into: Temp, directory: str, perms: int | None = None) -> bool
     if not _O_TMPFILE or directory in _named_only or not _syscalls.can_link_fd():
         return False
     try:
-        into.fd = _syscalls.open(directory, ANONYMOUS_FLAGS, 0o666 if perms is None else perms)
+        into.fd = _syscalls.open(
+            directory,
+            ANONYMOUS_FLAGS | _O_NOFOLLOW if nofollow else ANONYMOUS_FLAGS,
+            0o666 if perms is None else perms,
+        )
     except OSError as e:
         if e.errno in _TMPFILE_REFUSED:
             if len(_named_only) >= _NAMED_ONLY_MAX:
@@ -228,12 +250,38 @@ def open_temp(
     :raises OSError: naming ``directory`` (missing, not a directory, not
         writable).
     """
+    exact = perms
+    if like is not None:
+        if like.st_uid != os.geteuid() or like.st_gid != os.getegid():
+            return _open_temp(into, directory, base, 0o600, like, perms)
+        if perms is None:
+            perms = stat.S_IMODE(like.st_mode)
+            # Your own file, in a mode the umask leaves alone: created so,
+            # with no fchmod (the common case of a replace).
+            exact = None if _modes.created_exactly(perms, directory) else perms
+    elif perms is None:
+        perms = create_mode
+    return _open_temp(into, directory, base, perms & 0o777, None, exact)
+
+
+def _open_temp(
+    into: Temp,
+    directory: str,
+    base: str,
+    create: int,
+    owner: os.stat_result | None,
+    exact: int | None,
+) -> tuple[str, int]:
+    """:func:`open_temp`: create with mode ``create``, then give the owner
+    and group of ``owner`` and the exact mode ``exact`` (each if not None)."""
     for _ in range(_ATTEMPTS):
-        temp = into.path = f"{directory}/{_names.staging_name(base, 'tmp')}"
+        temp = f"{directory}/{_names.staging_name(base, 'tmp')}"
+        _live[temp] = False  # into.name(temp), inline
+        into.path = temp
         try:
-            fd = into.fd = _syscalls.open(temp, FILE_FLAGS, create_mode if perms is None else perms)
+            fd = into.fd = _syscalls.open(temp, FILE_FLAGS, create)
         except FileExistsError:
-            into.path = None  # another's: never ours to remove
+            into.unname()  # another's: never ours to remove
             continue
         except OSError as e:
             # The name is ours alone: if the error came after the file was
@@ -241,27 +289,26 @@ def open_temp(
             into.discard()
             # The temporary name means nothing to the caller: name the directory.
             raise OSError(e.errno, e.strerror, directory) from None
-        if perms is not None or like is not None:
-            _copy_metadata(fd, perms, like)
+        if owner is not None:
+            _give_owner(fd, owner)
+            if exact is None:
+                # After the chown: chown(2) clears the set-user-ID bit.
+                exact = stat.S_IMODE(owner.st_mode)
+        if exact is not None:
+            _syscalls.fchmod(fd, exact)
         return temp, fd
     raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
 
 
-def _copy_metadata(fd: int, perms: int | None, like: os.stat_result | None) -> None:
-    if like is not None:
-        if like.st_uid != os.geteuid() or like.st_gid != os.getegid():
-            try:
-                _syscalls.fchown(fd, like.st_uid, like.st_gid)
-            except PermissionError:
-                try:  # a member of the group may keep at least the group
-                    _syscalls.fchown(fd, -1, like.st_gid)
-                except PermissionError:
-                    pass
-        if perms is None:
-            # After the chown: chown(2) clears the set-user-ID bit.
-            perms = stat.S_IMODE(like.st_mode)
-    if perms is not None:
-        _syscalls.fchmod(fd, perms)
+def _give_owner(fd: int, like: os.stat_result) -> None:
+    """The owner and group of ``like``, or its group alone, where allowed."""
+    try:
+        _syscalls.fchown(fd, like.st_uid, like.st_gid)
+    except PermissionError:
+        try:  # a member of the group may keep at least the group
+            _syscalls.fchown(fd, -1, like.st_gid)
+        except PermissionError:
+            pass
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -322,7 +369,7 @@ def sync_and_close(fd: int, durable: bool) -> None:
         if durable:
             _syscalls.fsync(fd)
     except BaseException:
-        _close_quietly(fd)
+        close_quietly(fd)
         raise
     _syscalls.close(fd)
 
@@ -355,11 +402,11 @@ def publish(
 def discard(temp: str, fd: int | None) -> None:
     """Close ``fd`` and remove ``temp``, ignoring errors: a cleanup path."""
     if fd is not None:
-        _close_quietly(fd)
+        close_quietly(fd)
     unlink_quietly(temp)
 
 
-def _close_quietly(fd: int) -> None:
+def close_quietly(fd: int) -> None:
     try:
         _syscalls.close(fd)
     except OSError:

@@ -14,15 +14,22 @@ import math
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable
-from typing import IO, Any, Union
 
 from . import _fileobj, _info, _rename, _staging, _syscalls, _tree, _watch, atomic
-from ._args import Duration, StrPath, fspath, seconds
+from ._args import fspath, seconds
 from ._batch import Batch
 from ._claim import READ_FLAGS, Claim, ClaimLostError, Claims, open_regular
 from ._info import escape_hostname, split_info
 from ._rename import Capabilities
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import IO, Any, Union
+
+    from ._args import Duration, StrPath
+
+    Data = Union[bytes, bytearray, memoryview, str, IO[bytes]]
 
 __all__ = ["AREAS", "Claim", "ClaimLostError", "Claims", "FileStore"]
 
@@ -33,8 +40,6 @@ _NAME_MAX = 255
 # a name the store accepts for a message must leave room for it.
 MESSAGE_NAME_MAX = _NAME_MAX - _info.CLAIM_SUFFIX_MAX
 _DEFAULT_POLL = 0.5
-
-Data = Union[bytes, bytearray, memoryview, str, IO[bytes]]
 
 
 def _dir_mode(file_mode: int) -> int:
@@ -341,26 +346,25 @@ class FileStore:
     def add(self, data: Data, encoding: str = "utf-8") -> str:
         """Deliver ``data`` as a new message into ``new/`` and return its name.
 
-        The message is written in ``tmp/``, fsynced, and moved into ``new/``
-        under a :meth:`unique_name`; with ``durable`` it is on disk when this
-        returns.  No consumer ever sees part of it.
+        The message is written complete (and fsynced, with ``durable``)
+        before it gets its :meth:`unique_name` in ``new/``: as a file without
+        a name in ``new/`` itself (O_TMPFILE), given one by ``link()``, or
+        where the filesystem cannot make such a file, in ``tmp/`` and then
+        moved.  With ``durable`` it is on disk when this returns.  No
+        consumer ever sees part of it, and a process killed at any moment
+        leaves nothing behind (on the first way) or a file in ``tmp/`` that
+        :meth:`clean` removes.
 
         :param data: bytes, a str encoded with ``encoding``, or a binary
             file object, which is copied in chunks (memory stays flat).
         """
-        payload = _payload(data, encoding)
         staged = _staging.Temp()
         try:
-            new_dir = self._checked("new")
-            if _staging.open_anonymous(staged, new_dir, self.mode):
-                # Written in new/ itself, without a name until it is complete:
-                # no consumer can see it before, and a kill leaves nothing.
-                assert staged.fd is not None
-                _staging.write_data(staged.fd, payload)
-                name = self.unique_name()
-                _staging.link_anonymous(staged, f"{new_dir}/{name}", self.durable)
+            name = self._stage(staged, data, encoding, unnamed=True)
+            if staged.fd is not None:  # unnamed, in new/
+                _staging.link_anonymous(staged, f"{self._dirs['new']}/{name}", self.durable)
                 return name
-            name = self._stage(staged, payload, encoding)
+            new_dir = self._checked("new")
             _staging.publish(
                 f"{self._dirs['tmp']}/{name}",
                 f"{new_dir}/{name}",
@@ -397,28 +401,51 @@ class FileStore:
         """A :class:`Batch`: add messages, publish them all when it closes."""
         return Batch(self)
 
-    def _stage(self, staged: _staging.Temp, data: Data, encoding: str) -> str:
-        """Write ``data`` complete (and synced) in ``tmp/`` as ``staged``;
-        return its name.  The caller discards ``staged`` on any error."""
+    def _stage(
+        self, staged: _staging.Temp, data: Data, encoding: str, *, unnamed: bool = False
+    ) -> str:
+        """Write ``data`` complete (and synced) as ``staged``; return the
+        message's name.  The caller discards ``staged`` on any error.
+
+        :param unnamed: as a file without a name in ``new/``, left open in
+            ``staged.fd`` (not yet synced) for the caller to sync and link,
+            where the filesystem allows; otherwise (and always without it)
+            in ``tmp/``, synced and closed, at ``staged.path``.
+        """
         payload = _payload(data, encoding)
+        if unnamed and self._open_unnamed(staged):
+            assert staged.fd is not None
+            _staging.write_data(staged.fd, payload)
+            return self.unique_name()
         name = self._open_unique(staged)
         _staging.fill(staged, payload, self.durable)
         return name
+
+    def _open_unnamed(self, staged: _staging.Temp) -> bool:
+        """A file without a name in ``new/`` (O_TMPFILE) as ``staged``, if
+        the filesystem allows.  ``new/`` is never followed through a
+        symlink: the open itself refuses one (no lstat is needed)."""
+        try:
+            return _staging.open_anonymous(staged, self._dirs["new"], self.mode, nofollow=True)
+        except (FileNotFoundError, NotADirectoryError):
+            self._checked("new")  # says what is wrong with new/
+            raise
 
     def _open_unique(self, staged: _staging.Temp) -> str:
         """A new file in ``tmp/`` under a unique name, as ``staged``."""
         tmp_dir = self._checked("tmp")
         while True:
             name = self.unique_name()
-            temp = staged.path = f"{tmp_dir}/{name}"
+            temp = f"{tmp_dir}/{name}"
+            staged.name(temp)
             try:
                 staged.fd = _staging.open_exclusive(temp, self.mode)
                 return name
             except FileExistsError:  # pragma: no cover - the random part repeated
-                staged.path = None  # another's
+                staged.unname()  # another's
                 continue
             except FileNotFoundError:
-                staged.path = None
+                staged.unname()
                 raise self._not_prepared("tmp") from None
             except OSError as e:
                 staged.discard()  # ours alone, if it was made

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
 
 from . import _renameat2
 
-Tracer = Callable[..., Any]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+    Tracer = Callable[..., Any]
 
 _tracer: Tracer | None = None
 

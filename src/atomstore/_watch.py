@@ -19,7 +19,10 @@ import re
 import select
 import sys
 import threading
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 # <sys/inotify.h>
 _IN_CREATE = 0x100

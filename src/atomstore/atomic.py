@@ -18,14 +18,17 @@ import io
 import os
 import stat
 import time
-from typing import IO, TYPE_CHECKING, Any
 
 from . import _fileobj, _names, _rename, _staging, _syscalls, _tree
-from ._args import Duration, StrPath, check_perms, fspath, seconds
+from ._args import check_perms, fspath, seconds
 from ._rename import Capabilities
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from pathlib import Path
+    from typing import IO, Any
+
+    from ._args import Duration, StrPath
 
 __all__ = [
     "AtomicFile",
@@ -47,6 +50,7 @@ DEFAULT_STALE_AGE = 36 * 3600.0
 
 
 _NAME_MAX = 255  # bytes, on every Linux filesystem
+_DEFAULT_OPEN = (-1, None, None, None)  # buffering, encoding, errors, newline
 
 
 def _split(dest: str) -> tuple[str, str]:
@@ -273,19 +277,28 @@ class AtomicFile:
     def __enter__(self) -> IO[Any]:
         if self._staged is not None:
             raise RuntimeError("atomic.file() can be entered only once")
-        staged = self._staged = _staging.Temp()
+        staged = self._staged = _staging.GuardedTemp()
         try:
             if self._overwrite or not _staging.open_anonymous(staged, self._directory, self._perms):
                 self._temp, _ = _staging.open_temp(
                     staged, self._directory, self._base, self._perms, self._current
                 )
-            assert staged.fd is not None
+            fd = staged.fd
+            assert fd is not None
             # The file object does not own the descriptor: closed inside the
             # block, it leaves the descriptor to sync and name the file.
-            self._file = _fileobj.open_fd(
-                staged.fd, self._mode, self._temp or self._dest, *self._open_args, closefd=False
-            )
-            staged.raw = getattr(getattr(self._file, "buffer", self._file), "raw", self._file)
+            plain = self._mode == "wb" and self._open_args == _DEFAULT_OPEN
+            if plain and _syscalls._tracer is None:
+                # open(path, "wb")'s file object, built the short way.
+                raw = io.FileIO(fd, "wb", closefd=False)
+                raw.name = self._temp or self._dest
+                staged.raw = raw
+                self._file = io.BufferedWriter(raw, max(raw._blksize, io.DEFAULT_BUFFER_SIZE))  # type: ignore[attr-defined]
+            else:
+                self._file = _fileobj.open_fd(
+                    fd, self._mode, self._temp or self._dest, *self._open_args, closefd=False
+                )
+                staged.raw = getattr(getattr(self._file, "buffer", self._file), "raw", self._file)
         except BaseException:
             staged.discard()
             raise
@@ -301,10 +314,8 @@ class AtomicFile:
             staged.discard()  # the raw file object first, then the descriptor
             return
         try:
-            if not f.closed:
-                f.flush()
-                f.close()
-            staged.close_raw()
+            f.close()  # flushes first; nothing if closed in the block
+            staged.close_raw()  # detached from its buffer, say
             if self._temp is None:
                 _staging.link_anonymous(staged, self._dest, self._durable)
                 return
@@ -347,7 +358,8 @@ def write_bytes(
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
-    check_perms(perms)
+    if perms is not None:
+        check_perms(perms)
     if overwrite:
         dest, current = _target(path, follow_symlinks)
     else:
@@ -362,9 +374,18 @@ def write_bytes(
             _staging.link_anonymous(staged, dest, durable)
             return
         temp, fd = _staging.open_temp(staged, directory, base, perms, current)
-        caps = _no_clobber_caps(directory, fd, overwrite)
-        _staging.fill(staged, data, durable)
-        _staging.publish(temp, dest, caps, durable)
+        _staging.write_all(fd, data)
+        if durable:
+            _syscalls.fsync(fd)
+        if overwrite:
+            staged.fd = None
+            _syscalls.close(fd)
+            _syscalls.rename(temp, dest)
+        else:
+            caps = _rename.capabilities(directory, os.fstat(fd).st_dev)
+            staged.fd = None
+            _syscalls.close(fd)
+            _rename.rename_noreplace(temp, dest, caps, private=True)
         staged.published()
     except FileExistsError:
         staged.discard()
@@ -378,6 +399,8 @@ def write_bytes(
     except BaseException:
         staged.discard()
         raise
+    if durable:
+        _tree.sync_dir(directory)
 
 
 def write_text(
