@@ -13,6 +13,7 @@ import errno
 import itertools
 import os
 import shutil
+import stat
 
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -67,6 +68,36 @@ def write_new_file(temp: str, dest: str, data: bytes, durable: bool) -> None:
         os.fsync(fd)
     os.close(fd)
     renameat2(temp, dest, RENAME_NOREPLACE)
+    if durable:
+        sync_dir(os.path.dirname(dest))
+
+
+def write_new_unnamed(directory: str, dest: str, data: bytes, durable: bool) -> None:
+    """Create ``dest``, never replacing it, with no temporary name: an
+    unnamed file (O_TMPFILE) in its directory, written, then linked."""
+    fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+    write_all(fd, data)
+    if durable:
+        os.fsync(fd)
+    os.link(f"/proc/self/fd/{fd}", dest, src_dir_fd=fd, follow_symlinks=True)
+    os.close(fd)
+    if durable:
+        sync_dir(directory)
+
+
+def write_file_keeping_mode(temp: str, dest: str, data: bytes, durable: bool) -> None:
+    """As :func:`write_file`, keeping ``dest``'s mode the cheapest way: its
+    lstat, and the temp created in that mode (owner and umask left aside)."""
+    try:
+        mode = stat.S_IMODE(os.lstat(dest).st_mode)
+    except FileNotFoundError:  # the first write
+        mode = 0o666
+    fd = os.open(temp, FILE_FLAGS, mode)
+    write_all(fd, data)
+    if durable:
+        os.fsync(fd)
+    os.close(fd)
+    os.rename(temp, dest)
     if durable:
         sync_dir(os.path.dirname(dest))
 
@@ -172,6 +203,44 @@ class Spool:
         os.unlink(claimed)
         if self.durable:
             sync_dir(self.cur)
+
+
+class CheckedSpool(Spool):
+    """:class:`Spool` with what atomstore's safety costs at the least: a
+    message written with no name (O_TMPFILE) in ``new/``, linked, whose
+    open refuses a symlinked ``new/``; an ``lstat`` of each area a claim,
+    a read and a finish use, that none is a symlink."""
+
+    def add(self, data: bytes) -> str:
+        name = f"{self._prefix}{next(self._counter):012d}"
+        flags = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(self.new, flags, 0o666)
+        write_all(fd, data)
+        if self.durable:
+            os.fsync(fd)
+        os.link(f"/proc/self/fd/{fd}", f"{self.new}/{name}", src_dir_fd=fd, follow_symlinks=True)
+        os.close(fd)
+        if self.durable:
+            sync_dir(self.new)
+        return name
+
+    def claim(self) -> str | None:
+        _is_directory(self.new)
+        _is_directory(self.cur)
+        return super().claim()
+
+    def read(self, claimed: str) -> bytes:
+        _is_directory(self.cur)
+        return read_file(claimed)
+
+    def finish(self, claimed: str) -> None:
+        _is_directory(self.cur)
+        super().finish(claimed)
+
+
+def _is_directory(path: str) -> None:
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise NotADirectoryError(path)
 
 
 def read_file(path: str) -> bytes:

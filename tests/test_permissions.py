@@ -17,6 +17,7 @@ from typing import Callable
 import pytest
 
 from atomstore import FileStore, atomic
+from tracing import Recorder
 
 UMASKS = [0o000, 0o022, 0o027, 0o077]
 
@@ -208,3 +209,93 @@ def test_private_store_creates_no_open_parent(
     for parent in (tmp_path / "a", tmp_path / "a" / "b"):
         assert mode(parent) & 0o022 == 0, oct(mode(parent))
     assert mode(store.path) == 0o700
+
+
+# -- a replaced file keeps its mode, set with no fchmod where none is needed --
+
+
+def _replace_both_ways(path: Path, payload: bytes) -> None:
+    atomic.write_bytes(path, payload, overwrite=True)
+    with atomic.file(path, "wb", overwrite=True) as f:
+        f.write(payload)
+
+
+@pytest.mark.parametrize("mask", UMASKS)
+@pytest.mark.parametrize("kept", [0o644, 0o600, 0o664, 0o640, 0o444, 0o755, 0o000, 0o777])
+def test_a_replaced_file_keeps_its_mode_whatever_the_umask(
+    tmp_path: Path, umask: Callable[[int], None], trace: Recorder, mask: int, kept: int
+) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"old")
+    path.chmod(kept)
+    umask(mask)
+    trace.calls.clear()
+    _replace_both_ways(path, b"new")
+    assert mode(path) == kept
+    assert path.read_bytes() == b"new"
+    # The umask strips none of the bits: the file is created in its mode.
+    expected = 0 if kept & mask == 0 else 2
+    assert trace.count("fchmod") == expected, trace.calls
+    assert os.umask(mask) == mask  # left as it was
+
+
+def test_a_umask_changed_between_replaces_is_seen(
+    tmp_path: Path, umask: Callable[[int], None], trace: Recorder
+) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"old")
+    path.chmod(0o664)
+    umask(0o002)
+    _replace_both_ways(path, b"one")  # the umask is remembered: 0o002
+    assert mode(path) == 0o664
+    umask(0o022)  # which strips the group's write bit
+    trace.calls.clear()
+    _replace_both_ways(path, b"two")
+    assert mode(path) == 0o664
+    assert trace.count("fchmod") == 2
+    assert os.umask(0o022) == 0o022
+
+
+def test_special_bits_are_always_set_explicitly(tmp_path: Path, trace: Recorder) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"old")
+    path.chmod(0o2755 if os.geteuid() else 0o4755)
+    kept = mode(path)
+    trace.calls.clear()
+    _replace_both_ways(path, b"new")
+    assert mode(path) == kept
+    assert trace.count("fchmod") == 2
+
+
+def _default_acl(user: int, group: int, other: int) -> bytes:
+    """A default ACL in the kernel's xattr format (version 2, then entries of
+    tag, permissions and id): ``user::``, ``group::`` and ``other::``."""
+    undefined = 0xFFFFFFFF
+    entries = [(0x01, user), (0x04, group), (0x20, other)]
+    body = b"".join(
+        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + undefined.to_bytes(4, "little")
+        for tag, perm in entries
+    )
+    return (2).to_bytes(4, "little") + body
+
+
+def test_a_default_acl_of_the_directory_is_not_taken_for_the_umask(
+    tmp_path: Path, umask: Callable[[int], None], trace: Recorder
+) -> None:
+    directory = tmp_path / "acl"
+    directory.mkdir()
+    try:
+        os.setxattr(directory, "system.posix_acl_default", _default_acl(6, 0, 0))
+    except OSError as e:
+        pytest.skip(f"no POSIX ACLs on {tmp_path}: {e}")
+    path = directory / "f"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    umask(0o022)  # strips nothing of 0o644: only the ACL would
+    trace.calls.clear()
+    _replace_both_ways(path, b"new")
+    assert mode(path) == 0o644
+    assert trace.count("fchmod") == 2
+    # A new file there gets what the ACL gives, as open() would.
+    atomic.write_bytes(directory / "new", b"x")
+    assert mode(directory / "new") == 0o600
