@@ -674,8 +674,11 @@ def _claim_aged(store: FileStore, seconds: float, attempts: int = 0) -> str:
     assert claim is not None
     base, fields = split_info(os.path.basename(claim.path))
     fields["A"] = str(attempts)
-    fields["C"] = str(int((time.time() - seconds) * 1e6))
-    os.rename(claim.path, os.path.join(store.path, "cur", join_info(base, fields)))
+    claimed = time.time() - seconds
+    fields["C"] = str(int(claimed * 1e6))
+    aged = os.path.join(store.path, "cur", join_info(base, fields))
+    os.rename(claim.path, aged)
+    os.utime(aged, (claimed, claimed))  # written before it was claimed, never renewed
     return base
 
 

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 from . import atomic
 from ._batch import Batch
-from ._claim import Claim, ClaimLostError, Claims
+from ._claim import Claim, ClaimLostError, Claims, KeepAlive
 from ._store import FileStore
 from .atomic import Capabilities
 
-__all__ = ["Batch", "Capabilities", "Claim", "ClaimLostError", "Claims", "FileStore", "atomic"]
+__all__ = [
+    "Batch",
+    "Capabilities",
+    "Claim",
+    "ClaimLostError",
+    "Claims",
+    "FileStore",
+    "KeepAlive",
+    "atomic",
+]
 __version__ = "0.1.0.dev0"
 
 # Show the public names where users import them from (tracebacks, reprs).
-for _public in (Batch, Claim, ClaimLostError, Claims, FileStore):
+for _public in (Batch, Claim, ClaimLostError, Claims, FileStore, KeepAlive):
     _public.__module__ = __name__
 del _public

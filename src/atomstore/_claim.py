@@ -5,14 +5,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 import time
 
 from . import _syscalls, _tree, _watch
+from ._args import seconds
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from typing import IO, Any
 
+    from ._args import Duration
     from ._store import FileStore
 
 READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
@@ -90,12 +93,14 @@ class Claim:
     :ivar attempts: earlier claims of it that ended without :meth:`finish`.
     :ivar claimed_at: when it was claimed, seconds since the epoch.
     :ivar token: the random part that makes this claim's name unique.
+    :ivar renewed_at: when this process last renewed it (:meth:`renew`),
+        or None.
 
     Used as a context manager it finishes the claim when the block ends
     normally and releases it when the block raises.
     """
 
-    __slots__ = ("attempts", "claimed_at", "name", "path", "store", "token")
+    __slots__ = ("attempts", "claimed_at", "name", "path", "renewed_at", "store", "token")
 
     def __init__(
         self,
@@ -112,6 +117,7 @@ class Claim:
         self.attempts = attempts
         self.claimed_at = claimed_at
         self.token = token
+        self.renewed_at: float | None = None
 
     def __repr__(self) -> str:
         return f"<Claim {self.name!r} attempts={self.attempts}>"
@@ -166,6 +172,40 @@ class Claim:
         if self.store.durable:
             _tree.sync_dir(os.path.dirname(self.path))
 
+    def renew(self) -> None:
+        """Extend the lease from now: :meth:`FileStore.recover` measures a
+        claim's age from its last renewal, not from the claim.
+
+        The renewal is the claimed file's modification time, set to this
+        host's clock (the claim's time in its name is too): across hosts the
+        clocks must agree to well within the lease.  It is not fsynced: after
+        a crash of the machine a claim may count from an earlier renewal.
+
+        :raises ClaimLostError: the claim is no longer held (recovered,
+            finished or released): a claim cannot be renewed back.
+        """
+        self.store._checked("cur")
+        now = time.time_ns()
+        try:
+            _syscalls.utime(self.path, ns=(now, now), follow_symlinks=False)
+        except FileNotFoundError:
+            raise self.lost() from None
+        self.renewed_at = now / 1e9
+
+    def keep_alive(self, interval: Duration) -> KeepAlive:
+        """Renew the claim every ``interval`` seconds from a background
+        thread while a ``with`` block runs::
+
+            with claim, claim.keep_alive(60):
+                run_a_long_job(claim.path)
+
+        Choose ``interval`` well below the lease given to
+        :meth:`FileStore.recover` (a third, say).  The thread stops when the
+        block ends, and at the first renewal that fails (see
+        :attr:`KeepAlive.error`).
+        """
+        return KeepAlive(self, seconds(interval, "interval"))
+
     def release(self, *, count_attempt: bool = True) -> str:
         """Give the message back; this counts one attempt.
 
@@ -185,6 +225,52 @@ class Claim:
             if e.filename == self.path:
                 raise self.lost() from None
             raise
+
+
+class KeepAlive:
+    """Renews a claim from a background thread; see :meth:`Claim.keep_alive`.
+
+    :ivar error: why renewing stopped before the block ended (a
+        :class:`ClaimLostError` when the claim was lost), or None.
+    """
+
+    def __init__(self, claim: Claim, interval: float) -> None:
+        if not interval > 0:
+            raise ValueError(f"interval must be positive: {interval!r}")
+        self._claim = claim
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def lost(self) -> bool:
+        """Whether a renewal found the claim no longer held."""
+        return isinstance(self.error, ClaimLostError)
+
+    def _renew_until_stopped(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._claim.renew()
+            except BaseException as e:  # kept for the owner to see
+                self.error = e
+                return
+
+    def __enter__(self) -> KeepAlive:
+        if self._thread is not None:
+            raise RuntimeError("keep_alive() can be entered only once")
+        self._thread = threading.Thread(
+            target=self._renew_until_stopped,
+            name=f"atomstore keep_alive {self._claim.name}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 class Claims:

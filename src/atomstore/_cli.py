@@ -338,6 +338,11 @@ def cmd_done(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_renew(args: argparse.Namespace) -> int:
+    _store(args).claimed(args.name).renew()
+    return EXIT_OK
+
+
 def _do_then_say(
     args: argparse.Namespace, done: str, work: Callable[[FileStore], Sequence[str]]
 ) -> int:
@@ -509,6 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
     null_option(take, "path")
     done = store_command("done", cmd_done, "finish a claim: remove the message")
     done.add_argument("name", metavar="NAME", help="the path (or name) take printed")
+    renew = store_command(
+        "renew",
+        cmd_renew,
+        "extend a claim's lease from now (recover counts from the last renewal)",
+        changes=False,
+    )
+    renew.add_argument("name", metavar="NAME", help="the path (or name) take printed")
     release = store_command(
         "release", cmd_release, "give a claim back to new/ (one attempt); print its new path"
     )

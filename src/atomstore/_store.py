@@ -645,6 +645,7 @@ class FileStore:
     def recover(self, older_than: Duration) -> builtins.list[str]:
         """Return claims older than ``older_than`` to ``new/`` (or ``dead/``).
 
+        A claim's age counts from its claim or its last :meth:`Claim.renew`.
         Each counts one attempt.  The consumer that held a recovered claim
         can no longer finish or release it (:class:`ClaimLostError`), even
         after another consumer claimed the message again.  Files moved into
@@ -672,10 +673,15 @@ class FileStore:
                 continue  # not a claim
             if claimed > limit:
                 continue
+            source = os.path.join(cur_dir, name)
             try:
-                path = self._give_back(
-                    os.path.join(cur_dir, name), base, _info.attempts(fields) + 1
-                )
+                # Claim.renew() moves the file's modification time on.
+                if os.lstat(source).st_mtime_ns // 1000 > limit:
+                    continue
+            except FileNotFoundError:
+                continue  # finished or recovered meanwhile
+            try:
+                path = self._give_back(source, base, _info.attempts(fields) + 1)
             except FileNotFoundError:
                 continue  # finished or recovered meanwhile
             except OSError as e:

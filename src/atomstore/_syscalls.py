@@ -91,6 +91,7 @@ _CALLS: dict[str, Callable[..., Any]] = {
     "mkdir": os.mkdir,
     "rmdir": os.rmdir,
     "chmod": os.chmod,
+    "utime": os.utime,
 }
 
 open: Callable[..., int] = os.open
@@ -107,6 +108,7 @@ unlink: Callable[..., None] = os.unlink
 mkdir: Callable[..., None] = os.mkdir
 rmdir: Callable[..., None] = os.rmdir
 chmod: Callable[[str, int], None] = os.chmod
+utime: Callable[..., None] = os.utime
 
 
 def set_tracer(tracer: Tracer | None) -> Tracer | None:
