@@ -118,6 +118,28 @@ def _hand_floor(durable: bool, replace: bool) -> Factory:
     return make
 
 
+def _hand_file_object(replace: bool) -> Factory:
+    """The floor for ``file()``: by hand, through ``open()``'s file object."""
+
+    def make(directory: str) -> Case:
+        temp = os.path.join(directory, ".dest.tmp")
+        if replace:
+            return replacing(
+                "hand-written, open()",
+                directory,
+                lambda dest: hw.write_file_object(temp, dest, PAYLOAD, 0),
+                "open(temp, 'xb'), write, close, rename",
+            )
+        return _creating(
+            "hand-written, open()",
+            directory,
+            lambda dest: hw.write_file_object(temp, dest, PAYLOAD, hw.RENAME_NOREPLACE),
+            "open(temp, 'xb'), write, close, renameat2(RENAME_NOREPLACE)",
+        )
+
+    return make
+
+
 def _atomstore_bytes(durable: bool, replace: bool) -> Factory:
     def write(dest: str) -> None:
         atomic.write_bytes(dest, PAYLOAD, overwrite=replace, durable=durable)
@@ -251,6 +273,10 @@ def contenders(durable: bool, replace: bool = True) -> list[tuple[str, Factory]]
     found: list[tuple[str, Factory]] = [
         (f"write-{mode}/hand", _hand(durable, replace)),
         (f"write-{mode}/hand-floor", _hand_floor(durable, replace)),
+    ]
+    if not durable:
+        found.append((f"write-{mode}/hand-open", _hand_file_object(replace)))
+    found += [
         (f"write-{mode}/atomstore.write_bytes", _atomstore_bytes(durable, replace)),
         (f"write-{mode}/atomstore.file", _atomstore_file(durable, replace)),
     ]

@@ -102,6 +102,18 @@ def write_file_keeping_mode(temp: str, dest: str, data: bytes, durable: bool) ->
         sync_dir(os.path.dirname(dest))
 
 
+def write_file_object(temp: str, dest: str, data: bytes, flags: int) -> None:
+    """As :func:`write_file` with ``open()``'s file object (``'xb'``), as a
+    caller writing through a file object does; ``flags``: 0 for a plain
+    rename, ``RENAME_NOREPLACE`` for a new name."""
+    with open(temp, "xb") as f:
+        f.write(data)
+    if flags:
+        renameat2(temp, dest, flags)
+    else:
+        os.rename(temp, dest)
+
+
 def write_tree(directory: str, count: int, data: bytes, fsync: bool) -> None:
     """The user's part of a folder replacement: ``count`` files in ``directory``.
 

@@ -316,6 +316,7 @@ WRITERS = [
     "file new",
     "file new, named",
     "file overwrite",
+    "write_bytes overwrite",
     "write_bytes new",
     "write_bytes new, named",
     "add",
@@ -346,7 +347,9 @@ def test_enospc_leaves_the_directory_as_it_was(
     assert trace.count("rename") == trace.count("renameat2") == trace.count("link") == 0
 
 
-@pytest.mark.parametrize("name", ["file overwrite", "add", "add_many", "copy"])
+@pytest.mark.parametrize(
+    "name", ["file overwrite", "write_bytes overwrite", "add", "add_many", "copy"]
+)
 def test_short_writes_are_completed(start: Callable[[Op], Run], trace: Recorder, name: str) -> None:
     op = OPS[name]
     run = start(op)

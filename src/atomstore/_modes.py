@@ -18,7 +18,7 @@ _umask: int | None = None
 
 # Directories found without a default ACL (bounded: a store of many
 # directories must not grow it for ever).
-_plain_dirs: set[str] = set()
+plain_dirs: set[str] = set()
 _PLAIN_DIRS_MAX = 4096
 # What getxattr() says of a directory without a default ACL, or of a
 # filesystem without ACLs.
@@ -33,7 +33,7 @@ def created_exactly(mode: int, directory: str) -> bool:
     """
     if mode & ~0o777:
         return False
-    return not mode & umask() and _without_default_acl(directory)
+    return not mode & umask() and without_default_acl(directory)
 
 
 def umask() -> int:
@@ -69,8 +69,9 @@ def _umask_from_proc() -> int:
     return 0o022
 
 
-def _without_default_acl(directory: str) -> bool:
-    if directory in _plain_dirs:
+def without_default_acl(directory: str) -> bool:
+    """Whether ``directory`` has no default ACL (cached once seen so)."""
+    if directory in plain_dirs:
         return True
     getxattr = getattr(os, "getxattr", None)
     if getxattr is None:  # pragma: no cover - not Linux
@@ -82,9 +83,9 @@ def _without_default_acl(directory: str) -> bool:
             return False  # cannot tell: set the mode explicitly
     else:
         return False
-    if len(_plain_dirs) >= _PLAIN_DIRS_MAX:
-        _plain_dirs.clear()
-    _plain_dirs.add(directory)
+    if len(plain_dirs) >= _PLAIN_DIRS_MAX:
+        plain_dirs.clear()
+    plain_dirs.add(directory)
     return True
 
 

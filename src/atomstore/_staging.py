@@ -300,6 +300,72 @@ def _open_temp(
     raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
 
 
+def replace_with_bytes(
+    dest: str,
+    directory: str,
+    base: str,
+    like: os.stat_result,
+    data: bytes | bytearray | memoryview,
+    durable: bool,
+) -> bool:
+    """The hot path of a replace: ``data`` written (and fsynced, with
+    ``durable``) to a temporary file made in ``like``'s mode, renamed over
+    ``dest``; the directory is not synced.
+
+    Taken when nothing but the mode needs keeping: ``like`` is the caller's
+    own file (its owner and group), without special bits, in a mode the
+    umask and the directory leave alone.  Otherwise it does nothing and
+    returns False: :func:`open_temp` handles the rest.
+
+    :raises OSError: as :func:`open_temp` and :func:`fill`; the temporary
+        file is removed.
+    """
+    mode = like.st_mode & 0o7777
+    if (
+        mode & ~0o777
+        or like.st_uid != os.geteuid()
+        or like.st_gid != os.getegid()
+        or mode & _modes.umask()
+        or (directory not in _modes.plain_dirs and not _modes.without_default_acl(directory))
+    ):
+        return False
+    temp = f"{directory}/{_names.staging_name(base, 'tmp')}"
+    _live[temp] = False  # held before it exists
+    try:
+        fd = _syscalls.open(temp, FILE_FLAGS, mode)
+    except FileExistsError:
+        _live.pop(temp, None)  # another's: never ours to remove
+        return False
+    except OSError as e:
+        _forget(temp)
+        raise OSError(e.errno, e.strerror, directory) from None
+    except BaseException:
+        _forget(temp)
+        raise
+    try:
+        write_all(fd, data)
+        if durable:
+            _syscalls.fsync(fd)
+    except BaseException:
+        close_quietly(fd)
+        _forget(temp)
+        raise
+    try:
+        _syscalls.close(fd)
+        _syscalls.rename(temp, dest)
+    except BaseException:
+        _forget(temp)
+        raise
+    _live.pop(temp, None)
+    return True
+
+
+def _forget(temp: str) -> None:
+    """Remove the staging file ``temp``, if made, and let its name go."""
+    unlink_quietly(temp)
+    _live.pop(temp, None)
+
+
 def _give_owner(fd: int, like: os.stat_result) -> None:
     """The owner and group of ``like``, or its group alone, where allowed."""
     try:

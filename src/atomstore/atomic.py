@@ -93,7 +93,8 @@ def _target(path: object, follow_symlinks: bool) -> tuple[str, os.stat_result | 
         st = target_st
     elif stat.S_ISLNK(st.st_mode):
         return dest, st  # the link itself is replaced
-    _check_replaceable(dest, st)
+    if not stat.S_ISREG(st.st_mode):
+        _check_replaceable(dest, st)
     return dest, st
 
 
@@ -365,6 +366,17 @@ def write_bytes(
     else:
         dest, current = fspath(path), None
     directory, base = _split(dest)
+    if current is not None and perms is None and stat.S_ISREG(current.st_mode):
+        try:
+            replaced = _staging.replace_with_bytes(dest, directory, base, current, data, durable)
+        except OSError as e:
+            if e.filename is None:  # write(2) and fsync(2) name no file
+                raise OSError(e.errno, e.strerror, dest) from e
+            raise
+        if replaced:
+            if durable:
+                _tree.sync_dir(directory)
+            return
     staged = _staging.Temp()
     try:
         if not overwrite and _staging.open_anonymous(staged, directory, perms):
