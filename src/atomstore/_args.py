@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -33,18 +32,18 @@ def fspath(path: object, what: str = "path") -> str:
 
 def seconds(value: object, what: str = "older_than") -> float:
     """A duration in seconds from a number or a ``timedelta``."""
-    # A timedelta exists only once datetime was imported: looked up, not
-    # imported, which would cost every command's start-up.
-    datetime = sys.modules.get("datetime")
-    if datetime is not None and isinstance(value, datetime.timedelta):
-        result = float(value.total_seconds())
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             result = float(value)
         except OverflowError:  # an int beyond a float: for ever
             result = float("inf") if value > 0 else float("-inf")
     else:
-        raise TypeError(f"{what} must be seconds or a timedelta, not {type(value).__name__}")
+        # Only here: datetime's import would cost every command's start-up.
+        import datetime
+
+        if not isinstance(value, datetime.timedelta):
+            raise TypeError(f"{what} must be seconds or a timedelta, not {type(value).__name__}")
+        result = float(value.total_seconds())
     if not result >= 0:
         raise ValueError(f"{what} must not be negative: {value!r}")
     return result

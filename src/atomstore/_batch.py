@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import builtins
 import collections
+import errno
+import os
 
 from . import _staging, _syscalls, _tree
 
@@ -11,19 +13,25 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run t
 if TYPE_CHECKING:
     from ._store import Data, FileStore
 
-# Messages of one batch held as open files without a name; the rest of a
-# larger batch is staged in tmp/ (a descriptor each would exhaust the
-# process's limit, 1024 by default).
-UNNAMED_MAX = 256
+# Messages of one batch held as open files without a name: at most a
+# sixteenth of the process's descriptor limit (64 of the usual 1024), so
+# that several batches at once leave the application its descriptors.  The
+# rest of a larger batch is staged in tmp/, as is everything once the
+# process runs out of descriptors.
+try:
+    UNNAMED_MAX = max(1, min(256, os.sysconf("SC_OPEN_MAX") // 16))
+except (AttributeError, ValueError, OSError):  # pragma: no cover - no sysconf
+    UNNAMED_MAX = 64
 
 
 class Batch:
     """Messages staged and published together.
 
     Each :meth:`add` writes one message complete and fsyncs it
-    (``durable``), as a file without a name in ``new/`` (O_TMPFILE, for up
-    to 256 messages of a batch) or in ``tmp/``; closing the batch gives them
-    their names in ``new/`` and fsyncs ``new/`` once.  Used as a context manager,
+    (``durable``), as a file without a name in ``new/`` (O_TMPFILE, for the
+    first :data:`UNNAMED_MAX` messages of a batch: 64 with the usual limit
+    of 1024 descriptors) or in ``tmp/``; closing the batch gives them their
+    names in ``new/`` and fsyncs ``new/`` once.  Used as a context manager,
     the batch is published when the block ends normally and discarded
     (nothing delivered) when it raises.  A process killed before the batch
     is published delivers none of it.
@@ -36,7 +44,8 @@ class Batch:
         # In order: each message's name, and its path in tmp/ or the
         # descriptor of its unnamed file in new/.
         self._staged: collections.deque[tuple[str, str | int]] = collections.deque()
-        self._unnamed = 0
+        self._unnamed = 0  # descriptors held
+        self._named_only = False  # the filesystem or the process said no
         self.published: builtins.list[str] = []
 
     def add(self, data: Data, encoding: str = "utf-8") -> str:
@@ -44,7 +53,20 @@ class Batch:
         staged = _staging.Temp()
         try:
             store = self._store
-            name = store._stage(staged, data, encoding, unnamed=self._unnamed < UNNAMED_MAX)
+            unnamed = not self._named_only and self._unnamed < UNNAMED_MAX
+            try:
+                name = store._stage(staged, data, encoding, unnamed=unnamed)
+            except OSError as e:
+                # Out of descriptors, with some of them ours: name those in
+                # tmp/ to close them, and try again.  (Only an open fails
+                # so: nothing of ``data`` was read yet.)
+                if e.errno not in (errno.EMFILE, errno.ENFILE) or not self._unnamed:
+                    raise
+                staged.discard()
+                self._spill()
+                name = store._stage(staged, data, encoding)
+            if unnamed and staged.fd is None:
+                self._named_only = True  # no use asking again
             if staged.fd is not None and store.durable:
                 _syscalls.fsync(staged.fd)  # synced now, as a message in tmp/ is
             entry = staged.fd if staged.fd is not None else staged.path
@@ -59,6 +81,27 @@ class Batch:
             staged.discard()
             raise
         return name
+
+    def _spill(self) -> None:
+        """Give every message held as a descriptor a name in ``tmp/`` (where
+        no consumer looks) and close the descriptor: for a process short of
+        them.  The rest of the batch is staged in ``tmp/``."""
+        self._named_only = True
+        tmp_dir = self._store._checked("tmp")
+        staged = self._staged
+        for index, (name, entry) in enumerate(staged):
+            if isinstance(entry, str):
+                continue
+            temp = f"{tmp_dir}/{name}"
+            _staging.hold(temp)
+            try:
+                _syscalls.link_fd(entry, temp)
+            except OSError as e:
+                _staging.let_go(temp)
+                raise OSError(e.errno, e.strerror, temp) from None
+            staged[index] = (name, temp)  # forgotten as a descriptor first
+            self._unnamed -= 1
+            _staging.close_quietly(entry)
 
     def commit(self) -> builtins.list[str]:
         """Publish what was staged (durable on return); return the names.
@@ -75,13 +118,20 @@ class Batch:
         staged = self._staged
         try:
             while staged:
-                name, entry = staged.popleft()
+                name, entry = staged[0]
+                target = f"{new_dir}/{name}"
                 try:
-                    self._publish(entry, f"{new_dir}/{name}")
+                    self._publish(entry, target)
+                except FileExistsError:
+                    raise  # the name is another's: nothing of ours is there
                 except BaseException:
-                    staged.appendleft((name, entry))  # still to discard
+                    # Interrupted as the move returned, the message is
+                    # delivered: it must be said, or a retry sends it twice.
+                    gone = not isinstance(entry, str) or not os.path.lexists(entry)
+                    if gone and os.path.lexists(target):
+                        self._published(staged, name, entry)
                     raise
-                self.published.append(name)
+                self._published(staged, name, entry)
         finally:
             self.discard()
             if store.durable and self.published:
@@ -89,17 +139,27 @@ class Batch:
         return self.published
 
     def _publish(self, entry: str | int, target: str) -> None:
-        store = self._store
         if isinstance(entry, str):
-            _staging.publish(entry, target, store._capabilities(), False)
-            _staging.let_go(entry)
+            _staging.publish(entry, target, self._store._capabilities(), False)
             return
         try:
             _syscalls.link_fd(entry, target)  # never replaces anything
         except OSError as e:
             raise OSError(e.errno, e.strerror, target) from None
-        self._unnamed -= 1
-        _staging.close_quietly(entry)  # named now: nothing left to discard
+
+    def _published(
+        self, staged: collections.deque[tuple[str, str | int]], name: str, entry: str | int
+    ) -> None:
+        """The first staged message is in ``new/``: say so, then let go of
+        it.  Forgotten before its descriptor is closed: a second cleanup
+        never closes a number that may be reused meanwhile."""
+        staged.popleft()
+        self.published.append(name)
+        if isinstance(entry, int):
+            self._unnamed -= 1
+            _staging.close_quietly(entry)
+        else:
+            _staging.let_go(entry)
 
     def discard(self) -> None:
         """Remove what is staged and not yet published."""
@@ -119,6 +179,15 @@ class Batch:
 
     def __enter__(self) -> Batch:
         return self
+
+    def __del__(self) -> None:
+        # A batch dropped without commit() or discard() delivers nothing and
+        # holds nothing: its descriptors are closed, its files in tmp/ go.
+        if getattr(self, "_staged", None):
+            try:
+                self.discard()
+            except BaseException:  # interrupted in turn: finish, quietly
+                self.discard()
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:

@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 
-from . import _modes, _names, _rename, _syscalls, _tree
+from . import _names, _rename, _syscalls, _tree
 from ._rename import Capabilities
 from ._tree import unlink_quietly
 
@@ -243,37 +243,22 @@ def open_temp(
 
     :param perms: exact permission bits for the file.
     :param like: the file being replaced: its owner, group and (unless
-        ``perms`` is given) mode are copied, where the process may.
+        ``perms`` is given) mode are kept (see :func:`keep_metadata`).  A
+        symlink replaced by the file gives it nothing: the file is new.
     :param create_mode: the mode to create with, minus the umask, when
         neither ``perms`` nor ``like`` decides.
     :returns: the temporary file's path and its open descriptor.
     :raises OSError: naming ``directory`` (missing, not a directory, not
         writable).
     """
-    exact = perms
-    if like is not None:
-        if like.st_uid != os.geteuid() or like.st_gid != os.getegid():
-            return _open_temp(into, directory, base, 0o600, like, perms)
-        if perms is None:
-            perms = stat.S_IMODE(like.st_mode)
-            # Your own file, in a mode the umask leaves alone: created so,
-            # with no fchmod (the common case of a replace).
-            exact = None if _modes.created_exactly(perms, directory) else perms
-    elif perms is None:
-        perms = create_mode
-    return _open_temp(into, directory, base, perms & 0o777, None, exact)
-
-
-def _open_temp(
-    into: Temp,
-    directory: str,
-    base: str,
-    create: int,
-    owner: os.stat_result | None,
-    exact: int | None,
-) -> tuple[str, int]:
-    """:func:`open_temp`: create with mode ``create``, then give the owner
-    and group of ``owner`` and the exact mode ``exact`` (each if not None)."""
+    if like is not None and not stat.S_ISREG(like.st_mode):
+        like = None
+    if perms is not None:
+        create = perms & 0o777
+    elif like is not None:
+        create = like.st_mode & 0o777
+    else:
+        create = create_mode
     for _ in range(_ATTEMPTS):
         temp = f"{directory}/{_names.staging_name(base, 'tmp')}"
         _live[temp] = False  # into.name(temp), inline
@@ -289,53 +274,63 @@ def _open_temp(
             into.discard()
             # The temporary name means nothing to the caller: name the directory.
             raise OSError(e.errno, e.strerror, directory) from None
-        if owner is not None:
-            _give_owner(fd, owner)
-            if exact is None:
-                # After the chown: chown(2) clears the set-user-ID bit.
-                exact = stat.S_IMODE(owner.st_mode)
-        if exact is not None:
-            _syscalls.fchmod(fd, exact)
+        if like is not None:
+            keep_metadata(fd, like, perms)
+        elif perms is not None:
+            _syscalls.fchmod(fd, perms)
         return temp, fd
     raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
 
 
+def keep_metadata(fd: int, like: os.stat_result, perms: int | None = None) -> None:
+    """Give the new file ``fd`` the owner and group of ``like``, where the
+    process may, and its mode (or exactly ``perms``).
+
+    The file was created in that mode; one ``fstat`` tells what the umask,
+    a default ACL or a set-group-ID directory made of it, so ``fchown`` and
+    ``fchmod`` run only where something differs: never, for your own file in
+    a mode the umask leaves alone.  No process-wide state (the umask, the
+    effective ids) is read, so nothing another thread does can mislead it.
+    """
+    mode = stat.S_IMODE(like.st_mode) if perms is None else perms
+    st = os.fstat(fd)
+    if st.st_uid != like.st_uid or st.st_gid != like.st_gid:
+        _give_owner(fd, like)
+        # After the chown: chown(2) clears the set-user-ID bit.
+        _syscalls.fchmod(fd, mode)
+    elif stat.S_IMODE(st.st_mode) != mode:
+        _syscalls.fchmod(fd, mode)
+
+
 def replace_with_bytes(
     dest: str,
-    directory: str,
-    base: str,
     like: os.stat_result,
     data: bytes | bytearray | memoryview,
     durable: bool,
-) -> bool:
-    """The hot path of a replace: ``data`` written (and fsynced, with
-    ``durable``) to a temporary file made in ``like``'s mode, renamed over
-    ``dest``; the directory is not synced.
-
-    Taken when nothing but the mode needs keeping: ``like`` is the caller's
-    own file (its owner and group), without special bits, in a mode the
-    umask and the directory leave alone.  Otherwise it does nothing and
-    returns False: :func:`open_temp` handles the rest.
+    directory: str,
+    base: str,
+) -> None:
+    """The hot path of a replace, as :func:`open_temp`, :func:`fill` and
+    :func:`publish` together but in one function: ``data`` written (and
+    fsynced, with ``durable``) to a temporary file that keeps the metadata
+    of ``like`` (a regular file), renamed over ``dest``.  The directory is
+    not synced.
 
     :raises OSError: as :func:`open_temp` and :func:`fill`; the temporary
         file is removed.
     """
-    mode = like.st_mode & 0o7777
-    if (
-        mode & ~0o777
-        or like.st_uid != os.geteuid()
-        or like.st_gid != os.getegid()
-        or mode & _modes.umask()
-        or (directory not in _modes.plain_dirs and not _modes.without_default_acl(directory))
-    ):
-        return False
     temp = f"{directory}/{_names.staging_name(base, 'tmp')}"
     _live[temp] = False  # held before it exists
     try:
-        fd = _syscalls.open(temp, FILE_FLAGS, mode)
-    except FileExistsError:
-        _live.pop(temp, None)  # another's: never ours to remove
-        return False
+        fd = _syscalls.open(temp, FILE_FLAGS, like.st_mode & 0o777)
+    except FileExistsError:  # another's name (a collision): never ours to remove
+        _live.pop(temp, None)
+        staged = Temp()
+        try:
+            temp, fd = open_temp(staged, directory, base, None, like)
+        except BaseException:
+            staged.discard()
+            raise
     except OSError as e:
         _forget(temp)
         raise OSError(e.errno, e.strerror, directory) from None
@@ -343,6 +338,7 @@ def replace_with_bytes(
         _forget(temp)
         raise
     try:
+        keep_metadata(fd, like)
         write_all(fd, data)
         if durable:
             _syscalls.fsync(fd)
@@ -357,7 +353,6 @@ def replace_with_bytes(
         _forget(temp)
         raise
     _live.pop(temp, None)
-    return True
 
 
 def _forget(temp: str) -> None:

@@ -423,12 +423,17 @@ class FileStore:
 
     def _open_unnamed(self, staged: _staging.Temp) -> bool:
         """A file without a name in ``new/`` (O_TMPFILE) as ``staged``, if
-        the filesystem allows.  ``new/`` is never followed through a
-        symlink: the open itself refuses one (no lstat is needed)."""
+        the filesystem allows and the process has a descriptor to spare.
+        ``new/`` is never followed through a symlink: the open itself
+        refuses one (no lstat is needed)."""
         try:
             return _staging.open_anonymous(staged, self._dirs["new"], self.mode, nofollow=True)
         except (FileNotFoundError, NotADirectoryError):
             self._checked("new")  # says what is wrong with new/
+            raise
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                return False  # out of descriptors (a batch holds many): by name
             raise
 
     def _open_unique(self, staged: _staging.Temp) -> str:

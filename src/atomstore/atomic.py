@@ -368,15 +368,14 @@ def write_bytes(
     directory, base = _split(dest)
     if current is not None and perms is None and stat.S_ISREG(current.st_mode):
         try:
-            replaced = _staging.replace_with_bytes(dest, directory, base, current, data, durable)
+            _staging.replace_with_bytes(dest, current, data, durable, directory, base)
         except OSError as e:
             if e.filename is None:  # write(2) and fsync(2) name no file
                 raise OSError(e.errno, e.strerror, dest) from e
             raise
-        if replaced:
-            if durable:
-                _tree.sync_dir(directory)
-            return
+        if durable:
+            _tree.sync_dir(directory)
+        return
     staged = _staging.Temp()
     try:
         if not overwrite and _staging.open_anonymous(staged, directory, perms):
