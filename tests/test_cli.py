@@ -750,27 +750,38 @@ def test_clean_removes_only_stale_leftovers(store: FileStore) -> None:
 
 
 def test_stat_counts_each_area(store: FileStore) -> None:
-    old = store.add(b"old")
-    store.add(b"young")
-    store.create("draft").close()
+    # The age of new/'s oldest comes from its unique name, not from a stat.
     long_ago = time.time() - 100
-    os.utime(os.path.join(store.path, "new", old), (long_ago, long_ago))
+    old = f"{int(long_ago)}.M000000P1Q0Rdeadbeef.elsewhere"
+    Path(store.path, "new", old).write_bytes(b"old")
+    store.add(b"young")
+    store.add(b"later", delay=60)
+    store.create("draft").close()
     result = atomstore_cmd("stat", store.path, "--json")
     assert (result.code, result.err) == (0, ""), result
     stats = json.loads(result.out)
     counts = {area: row["count"] for area, row in stats.items()}
-    assert counts == {"tmp": 1, "new": 2, "cur": 0, "dead": 0}
-    assert 100 <= stats["new"]["oldest_age"] < 130
+    assert counts == {"tmp": 1, "new": 2, "cur": 0, "dead": 0, "delay": 1}
+    assert 99 <= stats["new"]["oldest_age"] < 130
     assert 0 <= stats["tmp"]["oldest_age"] < 30
     assert stats["cur"]["oldest_age"] is None
     assert stats["dead"]["oldest_age"] is None
+    assert stats["delay"]["oldest_age"] is None
+    assert 30 < stats["delay"]["next_due_in"] <= 60
 
     text = atomstore_cmd("stat", store.path)
     assert (text.code, text.err) == (0, ""), text
     header, *rows = [line.split() for line in text.out.splitlines()]
     assert header == ["area", "count", "oldest"]
-    assert [row[:2] for row in rows] == [["tmp", "1"], ["new", "2"], ["cur", "0"], ["dead", "0"]]
+    assert [row[:2] for row in rows] == [
+        ["tmp", "1"],
+        ["new", "2"],
+        ["cur", "0"],
+        ["dead", "0"],
+        ["delay", "1"],
+    ]
     assert rows[2][2] == rows[3][2] == "-"
+    assert rows[4][2:5] == ["next", "due", "in"]
     assert rows[1][2].endswith("s")
     assert 100 <= float(rows[1][2][:-1]) < 130
 

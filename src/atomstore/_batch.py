@@ -7,10 +7,11 @@ import collections
 import errno
 import os
 
-from . import _staging, _syscalls, _tree
+from . import _delays, _staging, _syscalls, _tree
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
+    from ._args import Duration
     from ._store import Data, FileStore
 
 # Messages of one batch held as open files without a name: at most a
@@ -41,18 +42,23 @@ class Batch:
 
     def __init__(self, store: FileStore) -> None:
         self._store = store
-        # In order: each message's name, and its path in tmp/ or the
-        # descriptor of its unnamed file in new/.
-        self._staged: collections.deque[tuple[str, str | int]] = collections.deque()
+        # In order: each message's name, its path in tmp/ or the descriptor
+        # of its unnamed file in new/, and when it is due (0: not delayed).
+        self._staged: collections.deque[tuple[str, str | int, int]] = collections.deque()
         self._unnamed = 0  # descriptors held
         self._named_only = False  # the filesystem or the process said no
         self.published: builtins.list[str] = []
 
-    def add(self, data: Data, encoding: str = "utf-8") -> str:
-        """Stage a message; return the name it will have in ``new/``."""
+    def add(self, data: Data, encoding: str = "utf-8", *, delay: Duration | None = None) -> str:
+        """Stage a message; return the name it will have in ``new/``.
+
+        :param delay: as :meth:`FileStore.add`'s: it is published into
+            ``delay/``, to wait there.
+        """
+        store = self._store
+        due_us = store._due_time(delay)
         staged = _staging.Temp()
         try:
-            store = self._store
             unnamed = not self._named_only and self._unnamed < UNNAMED_MAX
             try:
                 name = store._stage(staged, data, encoding, unnamed=unnamed)
@@ -74,7 +80,7 @@ class Batch:
             # The batch's to publish or discard from now on (a descriptor
             # lost to an interruption here leaves no file; a name stays held).
             staged.hand_over()
-            self._staged.append((name, entry))
+            self._staged.append((name, entry, due_us))
             if isinstance(entry, int):
                 self._unnamed += 1
         except BaseException:
@@ -89,7 +95,7 @@ class Batch:
         self._named_only = True
         tmp_dir = self._store._checked("tmp")
         staged = self._staged
-        for index, (name, entry) in enumerate(staged):
+        for index, (name, entry, due_us) in enumerate(staged):
             if isinstance(entry, str):
                 continue
             temp = f"{tmp_dir}/{name}"
@@ -99,7 +105,7 @@ class Batch:
             except OSError as e:
                 _staging.let_go(temp)
                 raise OSError(e.errno, e.strerror, temp) from None
-            staged[index] = (name, temp)  # forgotten as a descriptor first
+            staged[index] = (name, temp, due_us)  # forgotten as a descriptor first
             self._unnamed -= 1
             _staging.close_quietly(entry)
 
@@ -110,16 +116,21 @@ class Batch:
         :attr:`published`) and the rest are discarded.
         """
         store = self._store
+        staged = self._staged
         try:
             new_dir = store._checked("new")
+            delay_dir = store._make_late("delay") if any(due for _, _, due in staged) else None
         except BaseException:
             self.discard()
             raise
-        staged = self._staged
+        synced: set[str] = set()
         try:
             while staged:
-                name, entry = staged[0]
-                target = f"{new_dir}/{name}"
+                name, entry, due_us = staged[0]
+                if due_us:
+                    target = f"{delay_dir}/{_delays.delayed_name(name, due_us)}"
+                else:
+                    target = f"{new_dir}/{name}"
                 try:
                     self._publish(entry, target)
                 except FileExistsError:
@@ -130,12 +141,15 @@ class Batch:
                     gone = not isinstance(entry, str) or not os.path.lexists(entry)
                     if gone and os.path.lexists(target):
                         self._published(staged, name, entry)
+                        synced.add(os.path.dirname(target))
                     raise
                 self._published(staged, name, entry)
+                synced.add(os.path.dirname(target))
         finally:
             self.discard()
-            if store.durable and self.published:
-                _tree.sync_dir(new_dir)
+            if store.durable:
+                for directory in sorted(synced):
+                    _tree.sync_dir(directory)
         return self.published
 
     def _publish(self, entry: str | int, target: str) -> None:
@@ -148,7 +162,7 @@ class Batch:
             raise OSError(e.errno, e.strerror, target) from None
 
     def _published(
-        self, staged: collections.deque[tuple[str, str | int]], name: str, entry: str | int
+        self, staged: collections.deque[tuple[str, str | int, int]], name: str, entry: str | int
     ) -> None:
         """The first staged message is in ``new/``: say so, then let go of
         it.  Forgotten before its descriptor is closed: a second cleanup
@@ -165,7 +179,7 @@ class Batch:
         """Remove what is staged and not yet published."""
         staged = self._staged
         while staged:
-            _, entry = staged[-1]
+            _, entry, _ = staged[-1]
             if isinstance(entry, int):
                 # Forgotten before it is closed: interrupted in between, a
                 # second discard must not close a number reused meanwhile.

@@ -206,21 +206,27 @@ class Claim:
         """
         return KeepAlive(self, seconds(interval, "interval"))
 
-    def release(self, *, count_attempt: bool = True) -> str:
+    def release(self, *, count_attempt: bool = True, delay: Duration | None = None) -> str:
         """Give the message back; this counts one attempt.
 
-        It goes back to ``new/``, or to ``dead/`` once it has used the
+        It goes back to ``new/``, or to ``delay/`` to wait for the store's
+        ``retry_delay`` (or ``delay``), or to ``dead/`` once it has used the
         store's ``max_attempts``.
 
         :param count_attempt: False for a claim nobody worked on (its
             claimant could not even hand it on): it goes back to ``new/``
-            under the name it had, with its attempts as they were.
+            under the name it had, with its attempts as they were, and
+            without the store's retry delay.
+        :param delay: seconds (or a timedelta) before it can be claimed
+            again, instead of the store's retry delay (0: at once).
         :returns: the message's new path.
         :raises ClaimLostError: the claim is no longer held.
         """
         attempts = self.attempts + 1 if count_attempt else self.attempts
         try:
-            return self.store._give_back(self.path, self.name, attempts, spent=count_attempt)
+            return self.store._give_back(
+                self.path, self.name, attempts, spent=count_attempt, delay=delay
+            )
         except FileNotFoundError as e:
             if e.filename == self.path:
                 raise self.lost() from None

@@ -26,7 +26,7 @@ from ._store import AREAS, FileStore
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
-    from typing import IO, Any, Callable
+    from typing import IO, Callable
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -86,6 +86,7 @@ def _store(args: argparse.Namespace) -> FileStore:
         args.dir,
         durable=not getattr(args, "no_sync", False),
         max_attempts=getattr(args, "max_attempts", None),
+        retry_delay=getattr(args, "retry_delay", None),
     )
 
 
@@ -242,10 +243,10 @@ def cmd_put(args: argparse.Namespace) -> int:
     try:
         for source in sources:
             if source == "-":
-                batch.add(_stdin())
+                batch.add(_stdin(), delay=args.delay)
             else:
                 with open(source, "rb") as f:
-                    batch.add(f)
+                    batch.add(f, delay=args.delay)
     except BaseException:
         batch.discard()
         raise
@@ -357,7 +358,9 @@ def _do_then_say(
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    return _do_then_say(args, "released to", lambda s: [s.claimed(args.name).release()])
+    return _do_then_say(
+        args, "released to", lambda s: [s.claimed(args.name).release(delay=args.delay)]
+    )
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -387,25 +390,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return _do_then_say(args, "removed", lambda s: s.clean(args.older_than))
 
 
-def area_stats(store: FileStore) -> dict[str, dict[str, Any]]:
-    """Per area: how many files, and the age in seconds of the oldest."""
-    now = time.time()
-    stats: dict[str, dict[str, Any]] = {}
-    for area in AREAS:
-        oldest = math.inf
-        paths = store.list(area)
-        for path in paths:
-            try:
-                oldest = min(oldest, os.lstat(path).st_mtime)
-            except FileNotFoundError:  # taken meanwhile
-                continue
-        age = None if oldest == math.inf else round(max(0.0, now - oldest), 3)
-        stats[area] = {"count": len(paths), "oldest_age": age}
-    return stats
-
-
 def cmd_stat(args: argparse.Namespace) -> int:
-    stats = area_stats(_store(args))
+    stats = _store(args).stats()
     if args.json:
         import json  # only here: its import costs every other command's start-up
 
@@ -413,7 +399,11 @@ def cmd_stat(args: argparse.Namespace) -> int:
         return EXIT_OK
     _print(f"{'area':<6}{'count':>10}  oldest")
     for area, row in stats.items():
-        age = "-" if row["oldest_age"] is None else f"{row['oldest_age']:.1f}s"
+        if area == "delay":
+            when = row["next_due_in"]
+            age = "-" if when is None else f"next due in {when:.1f}s"
+        else:
+            age = "-" if row["oldest_age"] is None else f"{row['oldest_age']:.1f}s"
         _print(f"{area:<6}{row['count']:>10}  {age}")
     return EXIT_OK
 
@@ -495,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         help="files to deliver, all or none; - is stdin",
     )
+    put.add_argument(
+        "--delay",
+        type=duration,
+        metavar="DURATION",
+        help="deliver into delay/: claimable only after this long (30s, 5m, 2h)",
+    )
     null_option(put, "name")
     ls = store_command(
         "ls", cmd_ls, "list an area (tmp, new, cur, dead), oldest first", changes=False
@@ -525,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
         "release", cmd_release, "give a claim back to new/ (one attempt); print its new path"
     )
     release.add_argument("name", metavar="NAME", help="the path (or name) take printed")
+    release.add_argument(
+        "--delay",
+        type=duration,
+        metavar="DURATION",
+        help="claimable again only after this long (instead of --retry-delay)",
+    )
     recover = store_command("recover", cmd_recover, "return claims older than a lease to new/")
     for sub in (release, recover):
         sub.add_argument(
@@ -532,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
             type=positive_int,
             metavar="N",
             help="send a message that used N attempts to dead/ instead of new/",
+        )
+        sub.add_argument(
+            "--retry-delay",
+            type=duration,
+            metavar="DURATION",
+            help="let a message wait this long before its next attempt, "
+            "doubled per attempt after the first (at most 1h)",
         )
     requeue = store_command(
         "requeue", cmd_requeue, "move dead letters back to new/ with fresh attempts"
@@ -599,7 +608,7 @@ def _cleanup_on_termination() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-_DURATION_OPTIONS = ("--wait", "--older-than")
+_DURATION_OPTIONS = ("--wait", "--older-than", "--delay", "--retry-delay")
 
 
 def _negative_durations(argv: Sequence[str]) -> list[str]:

@@ -78,6 +78,18 @@ def unique_name(host: str) -> str:
     return f"{seconds}.M{micros:06d}P{_pid}Q{count}R{_random}.{host}"
 
 
+def name_time(name: str) -> float | None:
+    """When the unique name ``name`` was given (seconds since the epoch);
+    None for a name of another form."""
+    seconds, dot, rest = name.partition(".")
+    if not (dot and seconds.isdigit() and rest[:1] == "M"):
+        return None
+    micros = rest[1:].partition("P")[0]
+    if not micros.isdigit():
+        return None
+    return int(seconds) + int(micros) / 1e6
+
+
 def split_info(name: str) -> tuple[str, dict[str, str]]:
     """Split a stored name into its unique part and its info fields."""
     if _SEPARATOR not in name:  # a fresh message: the common case

@@ -15,7 +15,7 @@ import os
 import stat
 import time
 
-from . import _fileobj, _info, _rename, _staging, _syscalls, _tree, _watch, atomic
+from . import _delays, _fileobj, _info, _rename, _staging, _syscalls, _tree, _watch, atomic
 from ._args import fspath, seconds
 from ._batch import Batch
 from ._claim import READ_FLAGS, Claim, ClaimLostError, Claims, open_regular
@@ -33,8 +33,12 @@ if TYPE_CHECKING:
 
 __all__ = ["AREAS", "Claim", "ClaimLostError", "Claims", "FileStore"]
 
-AREAS = ("tmp", "new", "cur", "dead")
-_PREPARED = ("tmp", "new", "cur")  # dead/ is made when the first message dies
+AREAS = ("tmp", "new", "cur", "dead", "delay")
+# dead/ is made when the first message dies, delay/ for the first delayed one.
+_PREPARED = ("tmp", "new", "cur")
+_LATE = ("dead", "delay")
+# Where an unknown delay/ is looked at in any case (see _delays).
+_DELAY_RELIST = 5.0
 _NAME_MAX = 255
 # A claim adds its info part to a message's name (_info.CLAIM_SUFFIX_MAX):
 # a name the store accepts for a message must leave room for it.
@@ -74,6 +78,11 @@ class FileStore:
     :param max_attempts: after this many claims ended without finishing
         (released or recovered), a message goes to ``dead/`` instead of back
         to ``new/``; by default it is retried for ever.
+    :param retry_delay: a message released or recovered waits this long
+        (seconds or a timedelta) before it can be claimed again, doubled
+        for each attempt after the first, up to ``max_retry_delay``; by
+        default it is claimable again at once.
+    :param max_retry_delay: the longest retry delay (default one hour).
     """
 
     def __init__(
@@ -85,6 +94,8 @@ class FileStore:
         hostname: str | None = None,
         poll_interval: float | None = None,
         max_attempts: int | None = None,
+        retry_delay: Duration | None = None,
+        max_retry_delay: Duration = 3600.0,
     ) -> None:
         self.path = os.path.abspath(fspath(path))
         self.durable = durable
@@ -108,7 +119,12 @@ class FileStore:
         ):
             raise ValueError(f"max_attempts must be a positive int: {max_attempts!r}")
         self.max_attempts = max_attempts
+        self.retry_delay = 0.0 if retry_delay is None else seconds(retry_delay, "retry_delay")
+        self.max_retry_delay = seconds(max_retry_delay, "max_retry_delay")
         self._dirs = {area: os.path.join(self.path, area) for area in AREAS}
+        self._due = _delays.DueWatch(
+            self._dirs["delay"], poll_interval or _DEFAULT_POLL, _DELAY_RELIST
+        )
         self._caps: Capabilities | None = None
         # Names of new/ from one listing, oldest last: claims pop from it, so
         # a backlog of n costs one listing per n claims, not one per claim.
@@ -124,7 +140,9 @@ class FileStore:
 
     def _area(self, area: object) -> str:
         if not isinstance(area, str) or area not in self._dirs:
-            raise ValueError(f"unknown area {area!r}: expected 'tmp', 'new', 'cur' or 'dead'")
+            raise ValueError(
+                f"unknown area {area!r}: expected 'tmp', 'new', 'cur', 'dead' or 'delay'"
+            )
         return self._dirs[area]
 
     def _checked(self, area: str) -> str:
@@ -203,6 +221,7 @@ class FileStore:
                 created.append(self._dirs[area])
         self._caps = None
         self._backlog = []
+        self._due.forget()
         if self.durable and created:
             # Each new directory's entry lives in its parent.
             for parent in sorted({os.path.dirname(d) for d in created}):
@@ -244,19 +263,81 @@ class FileStore:
     def list(self, area: str) -> builtins.list[str]:
         """The full paths of the files in ``area``, sorted by name.
 
-        ``area`` is ``'tmp'``, ``'new'``, ``'cur'`` or ``'dead'``.  Unique
-        names sort by time.  The library's hidden staging files are
-        left out.
+        ``area`` is ``'tmp'``, ``'new'``, ``'cur'``, ``'dead'`` or
+        ``'delay'``.  Unique names sort by time, and names in ``delay/``
+        by when they are due (``<due microseconds>.<name>``).  The library's
+        hidden staging files are left out.
         """
         directory = self._area(area)
         try:
             self._checked(area)
         except FileNotFoundError:
-            if area == "dead" and os.path.isdir(self._checked("new")):
-                return []  # no message has died yet
+            if area in _LATE and os.path.isdir(self._checked("new")):
+                return []  # no message has died (or waited) yet
             raise
         names = os.listdir(directory)
         return [os.path.join(directory, n) for n in sorted(names) if not n.startswith(".")]
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """For each area, how many files it holds and how old the oldest is.
+
+        ``{"new": {"count": 2, "oldest_age": 12.5}, ...}``, ages in seconds
+        (None for an empty area).  Ages come from the names where they tell
+        it, so that a backlog of a million costs one listing and no
+        ``stat``: a unique name's time in ``new/`` and ``dead/``, a claim's
+        time in ``cur/``.  In ``delay/``, ``oldest_age`` is None and
+        ``next_due_in`` tells when the earliest message is due (0 if it is
+        due already).  Other names go by their modification time.  Hidden
+        names are not counted.
+        """
+        now = time.time()
+        result: dict[str, dict[str, Any]] = {}
+        for area in AREAS:
+            try:
+                names = [n for n in os.listdir(self._checked(area)) if n[:1] != "."]
+            except FileNotFoundError:
+                if area not in _LATE:
+                    raise
+                names = []
+            row: dict[str, Any] = {"count": len(names), "oldest_age": None}
+            if area == "delay":
+                dues = [d[0] for d in map(_delays.split, names) if d is not None]
+                row["next_due_in"] = max(0.0, min(dues) / 1e6 - now) if dues else None
+            else:
+                oldest = self._oldest(area, names)
+                if oldest is not None:
+                    row["oldest_age"] = round(max(0.0, now - oldest), 3)
+            result[area] = row
+        return result
+
+    def _oldest(self, area: str, names: builtins.list[str]) -> float | None:
+        """The time of the oldest of ``names`` in ``area``, from the names
+        where they tell it, else from modification times."""
+        times = []
+        others = names
+        if area in ("new", "dead"):
+            # Unique names sort by time: only the first of them is read.
+            unique = [n for n in names if n[:1].isdigit()]
+            first = _info.name_time(min(unique)) if unique else None
+            if first is not None or not unique:
+                others = [n for n in names if not n[:1].isdigit()]
+                if first is not None:
+                    times.append(first)
+        elif area == "cur":
+            others = []
+            for name in names:
+                claimed = split_info(name)[1].get("C", "")
+                if claimed.isdigit():
+                    times.append(int(claimed) / 1e6)
+                else:
+                    others.append(name)
+        directory = self._dirs[area]
+        for name in others:
+            try:
+                times.append(os.lstat(os.path.join(directory, name)).st_mtime)
+            except FileNotFoundError:  # taken meanwhile
+                continue
+        return min(times) if times else None
 
     def move(self, name: str, src: str, dst: str, *, overwrite: bool = False) -> None:
         """Move the file ``name`` from area ``src`` to area ``dst``, atomically.
@@ -343,7 +424,7 @@ class FileStore:
         """
         return _info.unique_name(self._host)
 
-    def add(self, data: Data, encoding: str = "utf-8") -> str:
+    def add(self, data: Data, encoding: str = "utf-8", *, delay: Duration | None = None) -> str:
         """Deliver ``data`` as a new message into ``new/`` and return its name.
 
         The message is written complete (and fsynced, with ``durable``)
@@ -357,10 +438,16 @@ class FileStore:
 
         :param data: bytes, a str encoded with ``encoding``, or a binary
             file object, which is copied in chunks (memory stays flat).
+        :param delay: seconds (or a timedelta) before the message can be
+            claimed: until then it waits in ``delay/``.
         """
+        due_us = self._due_time(delay)
         staged = _staging.Temp()
         try:
             name = self._stage(staged, data, encoding, unnamed=True)
+            if due_us:
+                self._publish_delayed(staged, name, due_us)
+                return name
             if staged.fd is not None:  # unnamed, in new/
                 _staging.link_anonymous(staged, f"{self._dirs['new']}/{name}", self.durable)
                 return name
@@ -382,7 +469,28 @@ class FileStore:
             raise
         return name
 
-    def add_many(self, items: Iterable[Data], encoding: str = "utf-8") -> builtins.list[str]:
+    def _due_time(self, delay: Duration | None) -> int:
+        """When a message delayed by ``delay`` is due, in microseconds since
+        the epoch; 0 for no delay."""
+        if delay is None:
+            return 0
+        wait = seconds(delay, "delay")
+        if wait <= 0:
+            return 0
+        return min(time.time_ns() // 1000 + int(min(wait, 1e12) * 1e6), _delays.LATEST_US)
+
+    def _publish_delayed(self, staged: _staging.Temp, name: str, due_us: int) -> None:
+        """Give the complete ``staged`` message its name in ``delay/``."""
+        target = f"{self._make_late('delay')}/{_delays.delayed_name(name, due_us)}"
+        if staged.fd is not None:
+            _staging.link_anonymous(staged, target, self.durable)
+            return
+        _staging.publish(f"{self._dirs['tmp']}/{name}", target, self._capabilities(), self.durable)
+        staged.published()
+
+    def add_many(
+        self, items: Iterable[Data], encoding: str = "utf-8", *, delay: Duration | None = None
+    ) -> builtins.list[str]:
         """Deliver several messages with one fsync of ``new/`` for them all.
 
         Each message is written and fsynced in ``tmp/``; then all are moved
@@ -394,7 +502,7 @@ class FileStore:
         """
         with self.batch() as batch:
             for data in items:
-                batch.add(data, encoding)
+                batch.add(data, encoding, delay=delay)
         return batch.published
 
     def batch(self) -> Batch:
@@ -514,6 +622,7 @@ class FileStore:
             raise self._not_prepared("new") from None
 
     def _claim_now(self) -> Claim | None:
+        self._promote_due()
         # Checked on every claim, not only when listing: an area swapped for
         # a symlink while a listing is worked through is never followed.
         new_dir, cur_dir = self._checked("new"), self._checked("cur")
@@ -615,37 +724,88 @@ class FileStore:
         path = os.path.join(self._dirs["cur"], name)
         return Claim(self, base, path, _info.attempts(fields), claimed_at, token)
 
-    def _give_back(self, source: str, base: str, attempts: int, *, spent: bool = True) -> str:
-        """Move a claimed file back to ``new/``, or to ``dead/`` when spent.
+    def _give_back(
+        self,
+        source: str,
+        base: str,
+        attempts: int,
+        *,
+        spent: bool = True,
+        delay: Duration | None = None,
+    ) -> str:
+        """Move a claimed file back to ``new/``, to ``delay/`` when it must
+        wait, or to ``dead/`` when spent.
 
-        :param spent: whether ``attempts`` may send it to ``dead/``.
+        :param spent: whether ``attempts`` counts a failure: it may send the
+            message to ``dead/``, and the store's retry delay applies.
+        :param delay: the wait before it can be claimed again, instead of
+            the store's retry delay.
         :returns: the file's new path.
         """
         limit = self.max_attempts
-        area = "dead" if spent and limit is not None and attempts >= limit else "new"
-        if area == "dead":
-            self._make_dead()
+        name = _info.with_attempts(base, attempts)
+        due_us = 0
+        if spent and limit is not None and attempts >= limit:
+            area = "dead"
+        else:
+            if delay is None and spent:
+                delay = _delays.backoff(self.retry_delay, self.max_retry_delay, attempts)
+            due_us = self._due_time(delay)
+            area = "delay" if due_us else "new"
+        if area in _LATE:
+            self._make_late(area)
         self._checked("cur"), self._checked(area)
-        target = os.path.join(self._dirs[area], _info.with_attempts(base, attempts))
+        if due_us:
+            name = _delays.delayed_name(name, due_us)
+        target = os.path.join(self._dirs[area], name)
         _rename.rename_noreplace(source, target, self._capabilities(), durable=self.durable)
         if self.durable:
             _tree.sync_dir(self._dirs[area])
             _tree.sync_dir(os.path.dirname(source))
         return target
 
-    def _make_dead(self) -> None:
-        dead = self._dirs["dead"]
+    def _make_late(self, area: str) -> str:
+        """The directory of ``dead/`` or ``delay/``, made on first use."""
+        directory = self._dirs[area]
         try:
-            st = os.lstat(dead)
+            st = os.lstat(directory)
         except FileNotFoundError:
             mode = 0o777 if self.mode is None else _dir_mode(self.mode)
-            if _makedirs(dead, mode, self.mode is not None) and self.durable:
+            if _makedirs(directory, mode, self.mode is not None) and self.durable:
                 _tree.sync_dir(self.path)
-            return
+            return directory
         if not stat.S_ISDIR(st.st_mode):
-            # dead/ is made late: until then anyone who can write the store's
+            # Made late: until then anyone who can write the store's
             # directory could plant a link there.  Never follow it.
-            raise NotADirectoryError(errno.ENOTDIR, "store area is not a directory", dead)
+            raise NotADirectoryError(errno.ENOTDIR, "store area is not a directory", directory)
+        return directory
+
+    def _promote_due(self) -> None:
+        """Move the delayed messages that are due into ``new/``, claimable
+        first (they are the oldest of all)."""
+        due = self._due.due(time.monotonic(), time.time_ns() // 1000)
+        if not due:
+            return
+        new_dir, delay_dir = self._checked("new"), self._checked("delay")
+        caps = self._capabilities()
+        promoted = []
+        for entry in due:
+            split = _delays.split(entry)
+            assert split is not None
+            try:
+                _rename.rename_noreplace(
+                    f"{delay_dir}/{entry}", f"{new_dir}/{split[1]}", caps, durable=self.durable
+                )
+            except (FileNotFoundError, FileExistsError):
+                # Moved by another consumer; or its name is taken in new/:
+                # it waits in delay/ for an operator.
+                continue
+            promoted.append(split[1])
+        if promoted:
+            self._backlog.extend(reversed(promoted))  # the earliest due last: next
+            if self.durable:
+                _tree.sync_dir(new_dir)
+                _tree.sync_dir(delay_dir)
 
     def recover(self, older_than: Duration) -> builtins.list[str]:
         """Return claims older than ``older_than`` to ``new/`` (or ``dead/``).
