@@ -84,7 +84,8 @@ def main() -> None:
 
         thread = threading.Thread(target=producer, daemon=True)
         thread.start()
-        ratios, costs = [], {"plain": [], "delaying": []}
+        ratios: list[float] = []
+        costs: dict[str, list[float]] = {"plain": [], "delaying": []}
         try:
             for r in range(options.rounds):
                 for store in (plain, delaying):
