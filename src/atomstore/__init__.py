@@ -10,6 +10,7 @@ from . import atomic
 from ._batch import Batch
 from ._claim import Claim, ClaimLostError, Claims, KeepAlive
 from ._store import FileStore
+from ._work import Report, Worker
 from .atomic import Capabilities
 
 __all__ = [
@@ -20,11 +21,13 @@ __all__ = [
     "Claims",
     "FileStore",
     "KeepAlive",
+    "Report",
+    "Worker",
     "atomic",
 ]
 __version__ = "0.1.0.dev0"
 
 # Show the public names where users import them from (tracebacks, reprs).
-for _public in (Batch, Claim, ClaimLostError, Claims, FileStore, KeepAlive):
+for _public in (Batch, Claim, ClaimLostError, Claims, FileStore, KeepAlive, Report, Worker):
     _public.__module__ = __name__
 del _public

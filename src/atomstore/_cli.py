@@ -33,6 +33,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_EMPTY = 3
 EXIT_INTERRUPTED = 130
+EXIT_FAILED = 4  # work: some command failed
 
 _CHUNK = 1 << 20
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -40,8 +41,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$", re.ASCII)
 
 _EPILOG = f"""\
 exit status: {EXIT_OK} success, {EXIT_ERROR} error, {EXIT_USAGE} bad usage, \
-{EXIT_EMPTY} nothing to take, {EXIT_INTERRUPTED} interrupted, 143 and 129 terminated \
-(SIGTERM, SIGHUP)
+{EXIT_EMPTY} nothing to take, {EXIT_FAILED} some command failed (work), \
+{EXIT_INTERRUPTED} interrupted, 143 and 129 terminated (SIGTERM, SIGHUP)
 """
 
 
@@ -363,6 +364,62 @@ def cmd_release(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_work(args: argparse.Namespace) -> int:
+    from ._work import ProcessJob, Report, Worker
+
+    command = args.command_line
+    if not command:
+        raise UsageError("name the COMMAND to run for each message, after --")
+    store = _store(args)
+    show = not args.quiet and sys.stderr.isatty()
+
+    def progress(report: Report) -> None:
+        try:
+            waiting = len(store.list("new"))
+        except OSError:
+            waiting = -1
+        line = (
+            f"done {report.done}  failed {report.failed}  {report.rate():.1f}/s  waiting {waiting}"
+        )
+        sys.stderr.write(f"\r{line}\x1b[K")
+        sys.stderr.flush()
+
+    worker = Worker(
+        store,
+        lambda claim: ProcessJob(command, claim, args.stdin),
+        workers=args.jobs,
+        lease=args.lease,
+        drain=args.drain,
+        progress=progress if show else None,
+    )
+    signalled: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        signalled.append(signum)
+        worker.stop()  # the first lets the commands finish, the second stops them
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, on_signal)
+    try:
+        report = worker.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if show:
+            sys.stderr.write("\n")
+    if not args.quiet:
+        _error(
+            f"work: {report.done} done, {report.failed} failed, "
+            f"{report.lost} lost, {report.cancelled} given back"
+        )
+    if signalled:
+        return 128 + signalled[0]
+    return EXIT_FAILED if report.failed else EXIT_OK
+
+
 def cmd_recover(args: argparse.Namespace) -> int:
     return _do_then_say(args, "recovered", lambda s: s.recover(args.older_than))
 
@@ -528,7 +585,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="claimable again only after this long (instead of --retry-delay)",
     )
     recover = store_command("recover", cmd_recover, "return claims older than a lease to new/")
-    for sub in (release, recover):
+    work = store_command(
+        "work",
+        cmd_work,
+        "run COMMAND for each message, JOBS at once: finish on success, release on failure",
+    )
+    work.add_argument(
+        "-j", "--jobs", type=positive_int, default=1, metavar="JOBS", help="commands at once"
+    )
+    work.add_argument(
+        "--lease",
+        type=duration,
+        metavar="DURATION",
+        help="renew running claims every third of it, and recover claims older than it",
+    )
+    work.add_argument(
+        "--drain",
+        action="store_true",
+        help="exit once no message is waiting (in new/ or delay/) and no command runs",
+    )
+    work.add_argument(
+        "--stdin", action="store_true", help="give each command its message on standard input"
+    )
+    work.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    work.add_argument(
+        "command_line",
+        metavar="COMMAND",
+        nargs="*",
+        help="the command and its arguments, after --; {} stands for the claimed "
+        "file's path (appended where no {} appears)",
+    )
+    for sub in (release, recover, work):
         sub.add_argument(
             "--max-attempts",
             type=positive_int,
@@ -608,7 +695,7 @@ def _cleanup_on_termination() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-_DURATION_OPTIONS = ("--wait", "--older-than", "--delay", "--retry-delay")
+_DURATION_OPTIONS = ("--wait", "--older-than", "--delay", "--retry-delay", "--lease")
 
 
 def _negative_durations(argv: Sequence[str]) -> list[str]:
@@ -642,7 +729,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # not into standard output, where a script reads paths.
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
     parser = build_parser()
-    args = parser.parse_args(_negative_durations(sys.argv[1:] if argv is None else argv))
+    arguments = _negative_durations(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if arguments[:1] == ["work"] and "--" in arguments:
+        # What follows -- is the command to run, options included: argparse
+        # would take them for its own, or match an empty COMMAND too early.
+        cut = arguments.index("--")
+        arguments, command = arguments[:cut], arguments[cut + 1 :]
+    args = parser.parse_args(arguments)
+    if command is not None:
+        args.command_line = command
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
         with _cleanup_on_termination():

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from typing import IO, Any, Union
 
     from ._args import Duration, StrPath
+    from ._work import Report, Worker
 
     Data = Union[bytes, bytearray, memoryview, str, IO[bytes]]
 
@@ -590,6 +591,57 @@ class FileStore:
                 if remaining <= 0:
                     return None
                 waiter.wait(None if remaining == math.inf else remaining)
+
+    def work(
+        self,
+        handler: Callable[[Claim], object],
+        *,
+        workers: int = 1,
+        lease: Duration | None = None,
+        drain: bool = False,
+    ) -> Report:
+        """Run ``handler(claim)`` for each message, ``workers`` at once.
+
+        Each claim gets a thread of its own.  A handler that returns
+        finishes the message; one that raises releases it (the store's
+        ``retry_delay`` and ``max_attempts`` apply: it may wait in
+        ``delay/`` or go to ``dead/``), and the error is kept in the
+        report's ``errors``.
+
+        :param lease: renew each running claim every third of it, and
+            recover claims older than it (left by dead workers) every half
+            of it.  Without it claims are never renewed nor recovered here.
+        :param drain: return once no message is claimable, none waits in
+            ``delay/`` and no handler runs; by default run until stopped.
+        :returns: the :class:`Report` (done, failed, lost, cancelled).
+        :raises KeyboardInterrupt: after the running handlers ended: the
+            first Ctrl-C stops claiming and lets them finish; a second one
+            gives their messages back, uncounted, as soon as they return.
+
+        Stop it from another thread (or a signal handler) through
+        :meth:`worker`, which returns the :class:`Worker` unstarted.
+        """
+        return self.worker(handler, workers=workers, lease=lease, drain=drain).run()
+
+    def worker(
+        self,
+        handler: Callable[[Claim], object],
+        *,
+        workers: int = 1,
+        lease: Duration | None = None,
+        drain: bool = False,
+    ) -> Worker:
+        """The :class:`Worker` :meth:`work` runs: ``run()`` it, ``stop()``
+        it from anywhere."""
+        from ._work import ThreadJob, Worker
+
+        return Worker(
+            self,
+            lambda claim: ThreadJob(handler, claim),
+            workers=workers,
+            lease=None if lease is None else seconds(lease, "lease"),
+            drain=drain,
+        )
 
     def claims(self, *, timeout: float | None = None) -> Claims:
         """An iterator of claims, waiting for each message as it arrives.

@@ -1,0 +1,381 @@
+"""The worker runner: ``FileStore.work()`` and ``atomstore work``.
+
+The command is run as a real process and stopped with real signals; every
+test counts what was done, what is left in each area and that nothing is
+stranded in ``cur/``.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from atomstore import Claim, FileStore, Report
+from fstree import store_entries
+
+COMMAND = [sys.executable, "-m", "atomstore"]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    spool = FileStore(tmp_path / "spool", durable=False)
+    spool.prepare()
+    return spool
+
+
+def contents(store: FileStore, area: str) -> list[bytes]:
+    return sorted(Path(p).read_bytes() for p in store.list(area))
+
+
+# -- from Python ---------------------------------------------------------------
+
+
+def test_work_runs_each_message_once_and_finishes_it(store: FileStore) -> None:
+    for i in range(40):
+        store.add(f"m{i}".encode())
+    seen: list[bytes] = []
+    lock = threading.Lock()
+
+    def handler(claim: Claim) -> None:
+        data = claim.read_bytes()
+        with lock:
+            seen.append(data)
+
+    report = store.work(handler, workers=4, drain=True)
+    assert isinstance(report, Report)
+    assert (report.done, report.failed, report.lost, report.cancelled) == (40, 0, 0, 0)
+    assert sorted(seen) == sorted(f"m{i}".encode() for i in range(40))
+    assert store_entries(store) == []
+
+
+def test_work_runs_up_to_its_workers_at_once(store: FileStore) -> None:
+    for i in range(12):
+        store.add(b"%d" % i)
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def handler(claim: Claim) -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.1)
+        with lock:
+            running[0] -= 1
+
+    store.work(handler, workers=3, drain=True)
+    assert most[0] == 3
+
+
+def test_a_failing_handler_releases_and_dead_letters(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s", durable=False, max_attempts=2)
+    store.prepare()
+    store.add(b"good")
+    store.add(b"bad")
+
+    def handler(claim: Claim) -> None:
+        if claim.read_bytes() == b"bad":
+            raise ValueError("cannot handle it")
+
+    report = store.work(handler, workers=2, drain=True)
+    assert (report.done, report.failed) == (1, 2)
+    assert [type(e) for _, e in report.errors] == [ValueError, ValueError]
+    assert contents(store, "dead") == [b"bad"]
+    assert store.list("new") == store.list("cur") == []
+
+
+def test_drain_waits_for_retries_that_are_delayed(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s", durable=False, retry_delay=0.2, poll_interval=0.05)
+    store.prepare()
+    store.add(b"flaky")
+    attempts: list[int] = []
+
+    def handler(claim: Claim) -> None:
+        attempts.append(claim.attempts)
+        if claim.attempts < 2:
+            raise RuntimeError("not yet")
+
+    started = time.monotonic()
+    report = store.work(handler, drain=True)
+    assert attempts == [0, 1, 2]
+    assert (report.done, report.failed) == (1, 2)
+    assert time.monotonic() - started >= 0.2 + 0.4  # waited out both delays
+    assert store_entries(store) == []
+
+
+def test_a_lease_is_renewed_while_a_long_handler_runs(store: FileStore) -> None:
+    store.add(b"long")
+    recovered: list[str] = []
+    stop = threading.Event()
+
+    def recoverer() -> None:  # another consumer's recovery, all along
+        while not stop.wait(0.05):
+            recovered.extend(FileStore(store.path, durable=False).recover(0.6))
+
+    thread = threading.Thread(target=recoverer)
+    thread.start()
+    try:
+        report = store.work(lambda claim: time.sleep(1.5), lease=0.6, drain=True)
+    finally:
+        stop.set()
+        thread.join()
+    assert recovered == []
+    assert (report.done, report.lost) == (1, 0)
+    assert store_entries(store) == []
+
+
+def test_a_dead_workers_claims_are_recovered_and_run(store: FileStore) -> None:
+    store.add(b"orphan")
+    orphan = store.claim()  # a worker that died holding it
+    assert orphan is not None
+    os.utime(orphan.path, (0, 0))
+    seen: list[bytes] = []
+    time.sleep(0.5)
+    report = store.work(lambda claim: seen.append(claim.read_bytes()), lease=0.4, drain=True)
+    assert seen == [b"orphan"]
+    assert report.done == 1
+    assert store_entries(store) == []
+
+
+def test_a_worker_stopped_from_another_thread_lets_its_handlers_finish(
+    store: FileStore,
+) -> None:
+    for i in range(20):
+        store.add(b"%d" % i)
+    started = threading.Event()
+
+    def handler(claim: Claim) -> None:
+        started.set()
+        time.sleep(0.3)
+
+    worker = store.worker(handler, workers=2)
+    threading.Timer(0.1, worker.stop).start()
+    report = worker.run()
+    assert started.is_set()
+    assert report.done == 2  # the two that were running
+    assert report.cancelled == 0
+    assert len(store.list("new")) == 18
+    assert store.list("cur") == []
+
+
+def test_a_keyboard_interrupt_stops_claiming_and_leaves_nothing_claimed(
+    store: FileStore,
+) -> None:
+    for i in range(20):
+        store.add(b"%d" % i)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.25)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.work(lambda claim: time.sleep(0.1), workers=2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert store.list("cur") == []
+    assert 2 <= 20 - len(store.list("new")) <= 10
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [({"workers": 0}, ValueError), ({"lease": -1}, ValueError), ({"workers": 1.5}, ValueError)],
+)
+def test_work_refuses_bad_options(store: FileStore, options: dict[str, Any], error: type) -> None:
+    with pytest.raises(error):
+        store.work(lambda claim: None, drain=True, **options)
+
+
+# -- the command ------------------------------------------------------------------
+
+
+def work(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, "work", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_the_command_runs_each_message_with_its_path(store: FileStore, tmp_path: Path) -> None:
+    for i in range(6):
+        store.add(f"m{i}".encode())
+    log = tmp_path / "log"
+    script = f'printf "%s\\n" "$(cat "$1")" >> {log}'  # one write: whole lines
+    proc = work(store.path, "-j", "3", "--drain", "--", "sh", "-c", script, "sh", "{}")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(log.read_text().split()) == [f"m{i}" for i in range(6)]
+    assert proc.stderr == "atomstore: work: 6 done, 0 failed, 0 lost, 0 given back\n"
+    assert store_entries(store) == []
+
+
+def test_the_path_is_appended_where_no_braces_appear(store: FileStore, tmp_path: Path) -> None:
+    name = store.add(b"x")
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    proc = work(store.path, "--drain", "--quiet", "--", "cp", "-t", str(copies))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    (copy,) = copies.iterdir()
+    assert copy.name.startswith(f"{name}:1,")  # the claimed file, by its path
+    assert copy.read_bytes() == b"x"
+
+
+def test_a_command_that_always_fails_goes_dead_after_its_attempts(store: FileStore) -> None:
+    store.add(b"x")
+    proc = work(store.path, "--drain", "--quiet", "--max-attempts", "3", "--", "false")
+    assert (proc.returncode, proc.stderr) == (4, "")
+    (dead,) = store.list("dead")
+    assert dead.endswith(":1,A3")
+
+
+def test_the_command_reads_its_message_on_stdin(store: FileStore, tmp_path: Path) -> None:
+    store.add(b"hello")
+    log = tmp_path / "log"
+    proc = work(store.path, "--drain", "--stdin", "--quiet", "--", "sh", "-c", f"cat > {log}")
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_bytes() == b"hello"
+
+
+def test_failures_release_wait_and_go_dead(store: FileStore) -> None:
+    store.add(b"bad")
+    store.add(b"good")
+    proc = work(
+        store.path,
+        "--drain",
+        "--max-attempts",
+        "2",
+        "--retry-delay",
+        "0.2",
+        "--",
+        "sh",
+        "-c",
+        'test "$(cat "$1")" = good',
+        "sh",
+    )
+    assert proc.returncode == 4, proc.stderr
+    assert "1 done, 2 failed" in proc.stderr
+    assert contents(store, "dead") == [b"bad"]
+    assert store.list("new") == store.list("cur") == store.list("delay") == []
+
+
+def _start(store: FileStore, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*COMMAND, "work", store.path, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(condition: object, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_lets_the_running_commands_finish(
+    store: FileStore, tmp_path: Path, signum: int, status: int
+) -> None:
+    for i in range(10):
+        store.add(b"%d" % i)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    runner = _start(store, "-j", "2", "--", "sh", "-c", f"touch {marks}/$$; sleep 1", "sh")
+    _wait_for(lambda: len(os.listdir(marks)) == 2)
+    runner.send_signal(signum)
+    _, err = runner.communicate(timeout=30)
+    assert runner.returncode == status
+    assert "2 done, 0 failed, 0 lost, 0 given back" in err
+    assert len(store.list("new")) == 8
+    assert store.list("cur") == []
+
+
+def test_a_second_signal_gives_the_running_messages_back(store: FileStore, tmp_path: Path) -> None:
+    for i in range(4):
+        store.add(b"%d" % i)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    runner = _start(store, "-j", "2", "--", "sh", "-c", f"touch {marks}/$$; sleep 30", "sh")
+    _wait_for(lambda: len(os.listdir(marks)) == 2)
+    runner.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    runner.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, err = runner.communicate(timeout=30)
+    assert time.monotonic() - started < 10  # the sleeps were stopped
+    assert runner.returncode == 130
+    assert "0 done, 0 failed, 0 lost, 2 given back" in err
+    names = [os.path.basename(p) for p in store.list("new")]
+    assert len(names) == 4
+    assert all(":" not in n for n in names)  # given back uncounted
+    assert store.list("cur") == []
+
+
+def test_the_command_renews_leases_of_long_commands(store: FileStore) -> None:
+    store.add(b"long")
+    runner = _start(store, "--lease", "0.6", "--drain", "--", "sh", "-c", "sleep 1.5", "sh")
+    recovered = []
+    while runner.poll() is None:
+        recovered += FileStore(store.path, durable=False).recover(0.6)
+        time.sleep(0.05)
+    _, err = runner.communicate()
+    assert runner.returncode == 0, err
+    assert recovered == []
+    assert "1 done" in err
+    assert store_entries(store) == []
+
+
+def test_progress_shows_on_a_terminal(store: FileStore) -> None:
+    for i in range(3):
+        store.add(b"%d" % i)
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [*COMMAND, "work", store.path, "--drain", "--", "sh", "-c", "sleep 0.4", "sh"],
+            stderr=terminal,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+        os.close(terminal)
+        terminal = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the terminal's other end closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert proc.returncode == 0
+    assert b"\rdone " in shown
+    assert b"3 done, 0 failed" in shown
+
+
+def test_the_command_needs_a_command(store: FileStore) -> None:
+    proc = work(store.path, "--drain")
+    assert proc.returncode == 2
+    assert "name the COMMAND" in proc.stderr
+
+
+def test_a_command_that_cannot_start_gives_its_message_back(store: FileStore) -> None:
+    store.add(b"x")
+    proc = work(store.path, "--drain", "--", "/nonexistent/program")
+    assert proc.returncode == 1
+    assert "/nonexistent/program" in proc.stderr
+    assert len(store.list("new")) == 1
+    assert store.list("cur") == []
