@@ -9,7 +9,9 @@ directories, whatever the umask.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
@@ -233,8 +235,10 @@ def test_a_replaced_file_keeps_its_mode_whatever_the_umask(
     _replace_both_ways(path, b"new")
     assert mode(path) == kept
     assert path.read_bytes() == b"new"
-    # The umask strips none of the bits: the file is created in its mode.
-    expected = 0 if kept & mask == 0 else 2
+    # Created in its mode but for the group's bits, which wait until the
+    # group is known right: an fchmod only for those, or for bits the umask
+    # stripped.
+    expected = 0 if kept & mask == 0 and kept & 0o070 == 0 else 2
     assert trace.count("fchmod") == expected, trace.calls
     assert os.umask(mask) == mask  # left as it was
 
@@ -256,15 +260,70 @@ def test_a_umask_changed_between_replaces_is_seen(
     assert os.umask(0o022) == 0o022
 
 
-def test_special_bits_are_always_set_explicitly(tmp_path: Path, trace: Recorder) -> None:
+def test_special_bits_are_set_after_the_last_write(tmp_path: Path, trace: Recorder) -> None:
+    # write(2) by a process without CAP_FSETID clears set-user-ID and
+    # set-group-ID: they are set once the data is written.
     path = tmp_path / "f"
     path.write_bytes(b"old")
     path.chmod(0o2755 if os.geteuid() else 0o4755)
     kept = mode(path)
-    trace.calls.clear()
-    _replace_both_ways(path, b"new")
-    assert mode(path) == kept
-    assert trace.count("fchmod") == 2
+    for how in ("write_bytes", "file"):
+        trace.calls.clear()
+        if how == "write_bytes":
+            atomic.write_bytes(path, b"new", overwrite=True)
+        else:
+            _replace_with_file(path, b"newer")
+        assert mode(path) == kept
+        names = [c.name for c in trace.calls]
+        last_write = max(i for i, n in enumerate(names) if n == "write")
+        assert "fchmod" in names[last_write:], names
+
+
+def _replace_with_file(path: Path, payload: bytes) -> None:
+    with atomic.file(path, "wb", overwrite=True) as f:
+        f.write(payload)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+@pytest.mark.parametrize("how", ["write_bytes", "file", "perms"])
+def test_an_unprivileged_owner_keeps_set_user_id_bits(how: str) -> None:
+    # Under /tmp itself: the test's own directory is root's alone.
+    tmp_path = Path(tempfile.mkdtemp(prefix="atomstore-suid-", dir="/tmp"))
+    try:
+        _replace_as_an_unprivileged_owner(tmp_path, how)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _replace_as_an_unprivileged_owner(tmp_path: Path, how: str) -> None:
+    tmp_path.chmod(0o777)
+    path = tmp_path / "tool"
+    path.write_bytes(b"old")
+    os.chown(path, 1000, 1000)
+    path.chmod(0o6755)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(1000, 1000, 1000)
+            os.setresuid(1000, 1000, 1000)
+            if how == "write_bytes":
+                atomic.write_bytes(path, b"new", overwrite=True)
+            elif how == "file":
+                _replace_with_file(path, b"new")
+            else:
+                atomic.write_bytes(tmp_path / "new-tool", b"new", perms=0o6755)
+            code = 0
+        except BaseException as e:
+            os.write(2, f"child: {e!r}\n".encode())
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    target = tmp_path / "new-tool" if how == "perms" else path
+    assert target.read_bytes() == b"new"
+    assert mode(target) == 0o6755
 
 
 def _default_acl(user: int, group: int, other: int) -> bytes:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from atomstore import FileStore, _syscalls, atomic
+from atomstore import FileStore, _staging, _syscalls, atomic
 from atomstore._args import seconds
 from fstree import store_entries
 from tracing import Recorder
@@ -309,3 +309,130 @@ def test_errno_of_a_full_descriptor_table_is_not_hidden_from_add(tmp_path: Path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "EMFILE\n"
     assert os.listdir(tmp_path / "s" / "tmp") == os.listdir(tmp_path / "s" / "new") == []
+
+
+# -- a second review ----------------------------------------------------------------
+
+
+def test_a_replacement_is_never_open_to_a_group_before_its_group_is_right(
+    tmp_path: Path, trace: Recorder
+) -> None:
+    # Made in the process's group (or a set-group-ID directory's), a
+    # temporary file with the old file's group bits would let that group
+    # open it before the fchown: they are added only after it.
+    path = tmp_path / "secret"
+    path.write_bytes(b"old")
+    path.chmod(0o660)
+    for how in ("write_bytes", "file"):
+        trace.calls.clear()
+        if how == "write_bytes":
+            atomic.write_bytes(path, b"new", overwrite=True)
+        else:
+            with atomic.file(path, "wb", overwrite=True) as f:
+                f.write(b"newer")
+        (made,) = [c for c in trace.calls if c.name == "open" and ".atomstore-" in c.args[0]]
+        assert made.args[2] & 0o070 == 0, oct(made.args[2])
+        assert mode(path) == 0o660
+
+
+def test_a_stream_that_runs_out_of_descriptors_is_not_read_twice(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import io, os, resource, sys
+        from atomstore import FileStore
+        store = FileStore(sys.argv[1], durable=False)
+        store.prepare()
+        batch = store.batch()
+        for i in range(4):
+            batch.add(b"small %d" % i)
+
+        class Lazy(io.RawIOBase):
+            # Opens a file of its own halfway through: out of descriptors there.
+            def __init__(self):
+                self.step = 0
+            def readable(self):
+                return True
+            def readinto(self, buffer):
+                self.step += 1
+                if self.step == 1:
+                    buffer[:6] = b"PART1;"
+                    return 6
+                if self.step == 2:
+                    os.close(os.open("/dev/null", os.O_RDONLY))
+                return 0
+
+        held = []
+        try:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        for fd in held[-1:]:  # room for the message's own file, not for the stream's
+            os.close(fd)
+        try:
+            batch.add(io.BufferedReader(Lazy()))
+        except OSError as e:
+            print("raised", e.errno)
+        else:
+            print("delivered", [open(p, "rb").read() for p in store.list("new")])
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("raised 24"), proc.stdout
+
+
+def test_a_forked_child_leaves_its_parents_batch_alone(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s", durable=False)
+    store.prepare()
+    batch = store.batch()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("atomstore._batch.UNNAMED_MAX", 2)
+        names = [batch.add(b"%d" % i) for i in range(5)]  # 3 of them in tmp/
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child drops its copy and exits
+        del batch
+        gc.collect()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert len(os.listdir(tmp_path / "s" / "tmp")) == 3
+    assert batch.commit() == names
+    assert [Path(p).read_bytes() for p in store.list("new")] == [b"%d" % i for i in range(5)]
+
+
+def test_a_spill_cut_short_leaves_nothing_after_discard(
+    tmp_path: Path, trace: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileStore(tmp_path / "s", durable=False)
+    store.prepare()
+    batch = store.batch()
+    names = [batch.add(b"%d" % i) for i in range(3)]
+
+    def linked_then_interrupted(*args: Any, **kwargs: Any) -> Any:
+        result = _syscalls._CALLS["link_fd"](*args, **kwargs)
+        if "/tmp/" in str(args[1]):
+            raise KeyboardInterrupt
+        return result
+
+    trace.replace["link_fd"] = linked_then_interrupted
+    with pytest.raises(KeyboardInterrupt):
+        batch._spill()
+    batch.discard()
+    assert store_entries(store) == []
+    assert not any(n in path for path in _staging._live for n in names)
+
+
+def test_a_mode_changed_while_the_block_runs_is_the_one_kept(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    with atomic.file(path, "w", overwrite=True) as f:
+        f.write("new")
+        path.chmod(0o600)  # someone made it private meanwhile
+    assert mode(path) == 0o600
+    assert path.read_text() == "new"

@@ -47,6 +47,8 @@ class Batch:
         self._staged: collections.deque[tuple[str, str | int, int]] = collections.deque()
         self._unnamed = 0  # descriptors held
         self._named_only = False  # the filesystem or the process said no
+        self._spilled = False  # some descriptors were named in tmp/
+        self._pid = os.getpid()  # a forked child's copy is not its own
         self.published: builtins.list[str] = []
 
     def add(self, data: Data, encoding: str = "utf-8", *, delay: Duration | None = None) -> str:
@@ -63,10 +65,16 @@ class Batch:
             try:
                 name = store._stage(staged, data, encoding, unnamed=unnamed)
             except OSError as e:
-                # Out of descriptors, with some of them ours: name those in
-                # tmp/ to close them, and try again.  (Only an open fails
-                # so: nothing of ``data`` was read yet.)
-                if e.errno not in (errno.EMFILE, errno.ENFILE) or not self._unnamed:
+                # Out of descriptors for the message's own file in tmp/ (the
+                # error names tmp/: nothing of ``data`` was read yet), with
+                # some of them ours: name those in tmp/ to close them, and
+                # try again.  A stream that ran out while it was read is
+                # not read twice: that error is the caller's.
+                if (
+                    e.errno not in (errno.EMFILE, errno.ENFILE)
+                    or e.filename != store._dirs["tmp"]
+                    or not self._unnamed
+                ):
                     raise
                 staged.discard()
                 self._spill()
@@ -93,6 +101,7 @@ class Batch:
         no consumer looks) and close the descriptor: for a process short of
         them.  The rest of the batch is staged in ``tmp/``."""
         self._named_only = True
+        self._spilled = True  # from now on a descriptor's name may exist
         tmp_dir = self._store._checked("tmp")
         staged = self._staged
         for index, (name, entry, due_us) in enumerate(staged):
@@ -108,6 +117,10 @@ class Batch:
             staged[index] = (name, temp, due_us)  # forgotten as a descriptor first
             self._unnamed -= 1
             _staging.close_quietly(entry)
+
+    def _spilled_name(self, name: str) -> str:
+        """Where :meth:`_spill` names a message in ``tmp/``."""
+        return f"{self._store._dirs['tmp']}/{name}"
 
     def commit(self) -> builtins.list[str]:
         """Publish what was staged (durable on return); return the names.
@@ -172,6 +185,8 @@ class Batch:
         if isinstance(entry, int):
             self._unnamed -= 1
             _staging.close_quietly(entry)
+            if self._spilled:  # named in tmp/ too, by a spill cut short
+                self._remove_spilled(name)
         else:
             _staging.let_go(entry)
 
@@ -179,17 +194,24 @@ class Batch:
         """Remove what is staged and not yet published."""
         staged = self._staged
         while staged:
-            _, entry, _ = staged[-1]
+            name, entry, _ = staged[-1]
             if isinstance(entry, int):
                 # Forgotten before it is closed: interrupted in between, a
                 # second discard must not close a number reused meanwhile.
                 staged.pop()
                 self._unnamed -= 1
                 _staging.close_quietly(entry)  # an unnamed file dies with it
+                if self._spilled:  # unless a spill cut short named it in tmp/
+                    self._remove_spilled(name)
             else:
                 _tree.unlink_quietly(entry)
                 _staging.let_go(entry)
                 staged.pop()
+
+    def _remove_spilled(self, name: str) -> None:
+        spilled = self._spilled_name(name)
+        _tree.unlink_quietly(spilled)
+        _staging.let_go(spilled)
 
     def __enter__(self) -> Batch:
         return self
@@ -197,7 +219,8 @@ class Batch:
     def __del__(self) -> None:
         # A batch dropped without commit() or discard() delivers nothing and
         # holds nothing: its descriptors are closed, its files in tmp/ go.
-        if getattr(self, "_staged", None):
+        # (Not a forked child's copy: its files are its parent's.)
+        if getattr(self, "_staged", None) and getattr(self, "_pid", None) == os.getpid():
             try:
                 self.discard()
             except BaseException:  # interrupted in turn: finish, quietly

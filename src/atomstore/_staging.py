@@ -72,12 +72,15 @@ class Temp:
     signal handler's SystemExit) leaves no file behind.
     """
 
-    __slots__ = ("fd", "path", "raw")
+    __slots__ = ("fd", "path", "raw", "special")
 
     def __init__(self) -> None:
         # The staging name, while there may be a file under it.
         self.path: str | None = None
         self.fd: int | None = None
+        # A mode with set-user-ID, set-group-ID or sticky bits, to set again
+        # after the last write (see settle_mode).
+        self.special: int | None = None
         # A raw file object over ``fd`` that does not own it (atomic.file's).
         # It is closed first: a buffer or wrapper still around it would
         # otherwise write, when collected, to whatever file reuses the number.
@@ -184,7 +187,16 @@ def open_anonymous(
         raise OSError(e.errno, e.strerror, directory) from None
     if perms is not None:
         _syscalls.fchmod(into.fd, perms)
+        if perms & 0o7000:
+            into.special = perms
     return True
+
+
+def settle_mode(staged: Temp) -> None:
+    """Set the file's special bits again, after its last write: ``write(2)``
+    by an unprivileged process clears set-user-ID and set-group-ID."""
+    if staged.special is not None and staged.fd is not None:
+        _syscalls.fchmod(staged.fd, staged.special)
 
 
 def link_anonymous(staged: Temp, dest: str, durable: bool) -> None:
@@ -196,6 +208,7 @@ def link_anonymous(staged: Temp, dest: str, durable: bool) -> None:
     fd = staged.fd
     assert fd is not None
     try:
+        settle_mode(staged)
         if durable:
             _syscalls.fsync(fd)
         try:
@@ -253,10 +266,13 @@ def open_temp(
     """
     if like is not None and not stat.S_ISREG(like.st_mode):
         like = None
-    if perms is not None:
+    if like is not None:
+        # The group's bits wait until the group is right: a file made in
+        # another group (a set-group-ID directory's, the process's) must not
+        # let that group open it meanwhile.
+        create = (like.st_mode if perms is None else perms) & 0o707
+    elif perms is not None:
         create = perms & 0o777
-    elif like is not None:
-        create = like.st_mode & 0o777
     else:
         create = create_mode
     for _ in range(_ATTEMPTS):
@@ -275,31 +291,39 @@ def open_temp(
             # The temporary name means nothing to the caller: name the directory.
             raise OSError(e.errno, e.strerror, directory) from None
         if like is not None:
-            keep_metadata(fd, like, perms)
+            into.special = keep_metadata(fd, like, perms)
         elif perms is not None:
             _syscalls.fchmod(fd, perms)
+            if perms & 0o7000:
+                into.special = perms
         return temp, fd
     raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
 
 
-def keep_metadata(fd: int, like: os.stat_result, perms: int | None = None) -> None:
+def keep_metadata(fd: int, like: os.stat_result, perms: int | None = None) -> int | None:
     """Give the new file ``fd`` the owner and group of ``like``, where the
     process may, and its mode (or exactly ``perms``).
 
-    The file was created in that mode; one ``fstat`` tells what the umask,
-    a default ACL or a set-group-ID directory made of it, so ``fchown`` and
-    ``fchmod`` run only where something differs: never, for your own file in
-    a mode the umask leaves alone.  No process-wide state (the umask, the
-    effective ids) is read, so nothing another thread does can mislead it.
+    The file was created with the mode's bits for its owner and others; one
+    ``fstat`` tells what the umask, a default ACL or a set-group-ID
+    directory made of it, so ``fchown`` and ``fchmod`` run only where
+    something differs (the group's bits are always added once the group is
+    right).  No process-wide state (the umask, the effective ids) is read,
+    so nothing another thread does can mislead it.
+
+    :returns: the mode again if it has set-user-ID, set-group-ID or sticky
+        bits, which must be set after the last write (:func:`settle_mode`);
+        else None.
     """
     mode = stat.S_IMODE(like.st_mode) if perms is None else perms
     st = os.fstat(fd)
     if st.st_uid != like.st_uid or st.st_gid != like.st_gid:
         _give_owner(fd, like)
-        # After the chown: chown(2) clears the set-user-ID bit.
+        # After the chown, which clears the set-user-ID bit.
         _syscalls.fchmod(fd, mode)
     elif stat.S_IMODE(st.st_mode) != mode:
         _syscalls.fchmod(fd, mode)
+    return mode if mode & 0o7000 else None
 
 
 def replace_with_bytes(
@@ -322,7 +346,7 @@ def replace_with_bytes(
     temp = f"{directory}/{_names.staging_name(base, 'tmp')}"
     _live[temp] = False  # held before it exists
     try:
-        fd = _syscalls.open(temp, FILE_FLAGS, like.st_mode & 0o777)
+        fd = _syscalls.open(temp, FILE_FLAGS, like.st_mode & 0o707)  # see open_temp
     except FileExistsError:  # another's name (a collision): never ours to remove
         _live.pop(temp, None)
         staged = Temp()
@@ -338,8 +362,10 @@ def replace_with_bytes(
         _forget(temp)
         raise
     try:
-        keep_metadata(fd, like)
+        special = keep_metadata(fd, like)
         write_all(fd, data)
+        if special is not None:
+            _syscalls.fchmod(fd, special)  # after the last write
         if durable:
             _syscalls.fsync(fd)
     except BaseException:

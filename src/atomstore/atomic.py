@@ -140,12 +140,18 @@ def _check_replaceable(dest: str, st: os.stat_result) -> None:
     raise OSError(errno.EINVAL, f"not a regular file ({kind}): refusing to replace it", dest)
 
 
-def _recheck(dest: str) -> None:
+def _recheck(dest: str) -> os.stat_result | None:
+    """``dest``'s status now (None if missing), if it may be replaced."""
     try:
         st = os.lstat(dest)
     except FileNotFoundError:
-        return
+        return None
     _check_replaceable(dest, st)
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _metadata_changed(now: os.stat_result, then: os.stat_result) -> bool:
+    return (now.st_mode, now.st_uid, now.st_gid) != (then.st_mode, then.st_uid, then.st_gid)
 
 
 def _refuse_existing(dest: str) -> None:
@@ -323,14 +329,22 @@ class AtomicFile:
             fd = staged.fd
             assert fd is not None
             caps = _no_clobber_caps(self._directory, fd, self._overwrite)
+            if self._overwrite:
+                # The block may have run long: whatever took the name
+                # meanwhile must still be a file this may replace, and its
+                # mode and owner now are the ones to keep.
+                now = _recheck(self._dest)
+                if (
+                    now is not None
+                    and self._current is not None
+                    and _metadata_changed(now, self._current)
+                ):
+                    staged.special = _staging.keep_metadata(fd, now, self._perms)
+            _staging.settle_mode(staged)
             if self._durable:
                 _syscalls.fsync(fd)
             staged.fd = None
             _syscalls.close(fd)
-            if self._overwrite:
-                # The block may have run long: whatever took the name
-                # meanwhile must still be a file this may replace.
-                _recheck(self._dest)
             _staging.publish(self._temp, self._dest, caps, self._durable)
             staged.published()
         except BaseException:
@@ -386,6 +400,7 @@ def write_bytes(
             return
         temp, fd = _staging.open_temp(staged, directory, base, perms, current)
         _staging.write_all(fd, data)
+        _staging.settle_mode(staged)
         if durable:
             _syscalls.fsync(fd)
         if overwrite:
