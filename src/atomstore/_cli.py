@@ -294,27 +294,36 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_take(args: argparse.Namespace) -> int:
     store = _store(args)
     _stdout()  # nowhere to hand a claim to: claim nothing
-    claim = _claim_with_signals_blocked(store, args.wait)
-    if claim is None:
+    first = _claim_with_signals_blocked(store, args.wait, args.any)
+    if first is None:
         return EXIT_EMPTY
+    claims = [first]
     try:
+        while len(claims) < args.count:  # the rest only if waiting already
+            claim = store.claim(oldest=not args.any)
+            if claim is None:
+                break
+            claims.append(claim)
         _unblock_signals()
-        _print(claim.path, _end(args))
+        end = _end(args)
+        for claim in claims:
+            _print(claim.path, end)
         _block_signals()  # handed on: a late signal cannot undo it now
     except BaseException as e:
-        # Nobody may have learnt of the claim (a path cut short, or printed
-        # and then interrupted): give it back, with no attempt counted.  Its
-        # old path is gone, so whoever got it cannot use it.
+        # Nobody may have learnt of the claims (a path cut short, or printed
+        # and then interrupted): give them all back, with no attempt
+        # counted.  Their old paths are gone, so whoever got one cannot use
+        # it.
         _block_signals()
-        back = claim.release(count_attempt=False)
+        back = [claim.release(count_attempt=False) for claim in claims]
         if isinstance(e, OutputError):
-            message = f"{e.strerror}; the message was given back"
-            raise HandOffError(e.errno, message, back) from None
+            what = "the message was" if len(back) == 1 else f"the {len(back)} messages were"
+            raise HandOffError(e.errno, f"{e.strerror}; {what} given back", back[0]) from None
         raise
     return EXIT_OK
 
 
-def _claim_with_signals_blocked(store: FileStore, wait: float) -> Claim | None:
+def _claim_with_signals_blocked(store: FileStore, wait: float, any_one: bool) -> Claim | None:
     """Claim with SIGINT, SIGTERM and SIGHUP held back, so that no signal
     strikes between the claim and its hand-off; wait with them let in.
 
@@ -325,7 +334,7 @@ def _claim_with_signals_blocked(store: FileStore, wait: float) -> Claim | None:
         waiter = stack.enter_context(store._waiter()) if wait else None
         while True:
             _block_signals()
-            claim = store.claim()
+            claim = store.claim(oldest=not any_one)
             if claim is not None:
                 return claim
             _unblock_signals()
@@ -563,6 +572,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="SECONDS",
         help="wait this long for a message (30, 5m, inf)",
+    )
+    take.add_argument(
+        "-n",
+        "--count",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="claim up to N messages, one path per line (all given back if they cannot "
+        "all be printed)",
+    )
+    take.add_argument(
+        "--any",
+        action="store_true",
+        help="any waiting message, not the oldest: no listing of new/ (fast with a huge backlog)",
     )
     null_option(take, "path")
     done = store_command("done", cmd_done, "finish a claim: remove the message")

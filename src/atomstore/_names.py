@@ -56,7 +56,10 @@ def token() -> str:
 
 
 def random_below(n: int) -> int:
-    """A random int from 0 to ``n`` - 1 (``n`` small: at most 2**16)."""
+    """A random int from 0 to ``n`` - 1 (``n`` small: at most 2**16); 0 for
+    an ``n`` below 1 (a list another thread emptied meanwhile)."""
+    if n <= 1:
+        return 0
     return int.from_bytes(os.urandom(4), "big") % n
 
 

@@ -15,7 +15,7 @@ import os
 import stat
 import time
 
-from . import _delays, _fileobj, _info, _rename, _staging, _syscalls, _tree, _watch, atomic
+from . import _delays, _fileobj, _info, _names, _rename, _staging, _syscalls, _tree, _watch, atomic
 from ._args import fspath, seconds
 from ._batch import Batch
 from ._claim import READ_FLAGS, Claim, ClaimLostError, Claims, open_regular
@@ -40,6 +40,10 @@ _PREPARED = ("tmp", "new", "cur")
 _LATE = ("dead", "delay")
 # Where an unknown delay/ is looked at in any case (see _delays).
 _DELAY_RELIST = 5.0
+# claim(oldest=False) picks among this many of the first names read.
+_ANY_AMONG = 16
+# What _take() returns for a message another consumer claimed first.
+_LOST: Claim = object()  # type: ignore[assignment]
 _NAME_MAX = 255
 # A claim adds its info part to a message's name (_info.CLAIM_SUFFIX_MAX):
 # a name the store accepts for a message must leave room for it.
@@ -566,25 +570,30 @@ class FileStore:
                 # The fresh name means nothing to the caller: name the area.
                 raise OSError(e.errno, e.strerror, self._dirs["tmp"]) from None
 
-    def claim(self, wait: float | None = None) -> Claim | None:
+    def claim(self, wait: Duration | None = None, *, oldest: bool = True) -> Claim | None:
         """Claim the oldest message of ``new/`` by moving it into ``cur/``.
 
         The rename decides: two consumers, in any processes, never claim the
         same message.  The claimed name records the attempt count, the time
         and the claimant.
 
-        :param wait: seconds to wait for a message when ``new/`` is empty
-            (``math.inf``: for ever); it is woken by inotify, not by busy
-            polling.  A signal handler that raises interrupts the wait.
+        :param wait: seconds (or a timedelta) to wait for a message when
+            ``new/`` is empty (``math.inf``: for ever); it is woken by
+            inotify, not by busy polling.  A signal handler that raises
+            interrupts the wait.
+        :param oldest: False claims any waiting message, found without
+            listing ``new/`` (a fresh consumer's first claim costs the same
+            with a million waiting as with one); due delayed messages are
+            still taken first.
         :returns: the :class:`Claim`, or None when ``new/`` is (still) empty.
         """
-        claim = self._claim_now()
+        claim = self._claim_now() if oldest else self._claim_any()
         if claim is not None or not wait:
             return claim
         deadline = time.monotonic() + seconds(wait, "wait")
         with self._waiter() as waiter:
             while True:
-                claim = self._claim_while_waiting()
+                claim = self._claim_while_waiting(oldest)
                 if claim is not None:
                     return claim
                 remaining = deadline - time.monotonic()
@@ -657,11 +666,11 @@ class FileStore:
             timeout = seconds(timeout, "timeout")
         return Claims(self, self._waiter(), timeout)
 
-    def _claim_while_waiting(self) -> Claim | None:
+    def _claim_while_waiting(self, oldest: bool = True) -> Claim | None:
         """:meth:`_claim_now` for a waiter: a store being made anew (moved
         aside, not yet prepared again) is waited for, not an error."""
         try:
-            return self._claim_now()
+            return self._claim_now() if oldest else self._claim_any()
         except FileNotFoundError as e:
             if e.filename not in (self._dirs["new"], self._dirs["cur"]):
                 raise
@@ -695,49 +704,97 @@ class FileStore:
                     name = backlog.pop(-1 - _info.scatter(len(backlog)))
                 else:
                     name = backlog.pop()
-            except IndexError:  # another thread took the last ones
+            except (IndexError, ValueError):  # another thread took the last ones
                 continue
-            base, fields = split_info(name)
-            attempts = _info.attempts(fields)
-            claimed = time.time_ns() // 1000
-            token = _info.token()
-            claim_name = _info.claim_name(base, attempts, claimed, token)
-            if len(claim_name) > _NAME_MAX // 4 and len(os.fsencode(claim_name)) > _NAME_MAX:
-                # A foreign name too long to carry the info part: claimed
-                # under a shortened form of itself.
-                base = _info.shorten(
-                    base, _NAME_MAX - (len(os.fsencode(claim_name)) - len(os.fsencode(base)))
-                )
-                claim_name = _info.claim_name(base, attempts, claimed, token)
-            source, claim_path = f"{new_dir}/{name}", f"{cur_dir}/{claim_name}"
-            try:
-                # A plain rename: the claim name is new (random token), so it
-                # cannot replace anything; the source's disappearance decides
-                # between consumers racing for the same message.
-                _syscalls.rename(source, claim_path)
-            except FileNotFoundError:
+            claim = self._take(name, new_dir, cur_dir)
+            if claim is _LOST:
                 lost += 1
-                continue  # another consumer was faster
-            except OSError as e:
-                if e.errno == errno.ENAMETOOLONG or (
-                    e.errno == errno.EPERM and _owned_by_another(source)
-                ):
-                    # Longer than this filesystem allows a claim, or another
-                    # user's file in a sticky new/: never again in this
-                    # process; it stays in new/ for an operator or its owner.
-                    self._unclaimable.add(name)
-                    continue
-                # An unknown outcome (EIO from a network filesystem whose
-                # reply was lost): look.  The claim name is ours alone.
-                if not os.path.lexists(claim_path):
-                    if os.path.lexists(source):
-                        raise
+            elif claim is not None:
+                return claim
+
+    def _claim_any(self) -> Claim | None:
+        """Claim any waiting message: one of the first few a read of
+        ``new/`` returns, without listing it all."""
+        self._promote_due()
+        new_dir, cur_dir = self._checked("new"), self._checked("cur")
+        while self._backlog:  # names known already (promoted, listed) first
+            try:
+                name = self._backlog.pop()
+            except IndexError:  # another thread took the last ones
+                break
+            claim = self._take(name, new_dir, cur_dir)
+            if claim is not None and claim is not _LOST:
+                return claim
+        skip = self._unclaimable
+        while True:
+            names = []
+            with os.scandir(new_dir) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name[0] != "." and entry.is_file(follow_symlinks=False) and name not in skip:
+                        names.append(name)
+                        if len(names) == _ANY_AMONG:
+                            break
+            if not names:
+                return None
+            # Consumers that all read the same first names start at
+            # different ones.
+            start = _names.random_below(len(names))
+            lost = 0
+            for name in names[start:] + names[:start]:
+                claim = self._take(name, new_dir, cur_dir)
+                if claim is _LOST:
                     lost += 1
-                    continue
-            if self.durable:
-                _tree.sync_dir(cur_dir)
-                _tree.sync_dir(new_dir)
-            return Claim(self, base, claim_path, attempts, claimed / 1e6, token)
+                elif claim is not None:
+                    return claim
+            if not lost:
+                return None  # nothing among them could be claimed here
+
+    def _take(self, name: str, new_dir: str, cur_dir: str) -> Claim | None:
+        """Claim the message ``name`` of ``new/``.
+
+        :returns: the claim; :data:`_LOST` if another consumer took it
+            first; None if it cannot be claimed here (passed over for good).
+        """
+        base, fields = split_info(name)
+        attempts = _info.attempts(fields)
+        claimed = time.time_ns() // 1000
+        token = _info.token()
+        claim_name = _info.claim_name(base, attempts, claimed, token)
+        if len(claim_name) > _NAME_MAX // 4 and len(os.fsencode(claim_name)) > _NAME_MAX:
+            # A foreign name too long to carry the info part: claimed under a
+            # shortened form of itself.
+            base = _info.shorten(
+                base, _NAME_MAX - (len(os.fsencode(claim_name)) - len(os.fsencode(base)))
+            )
+            claim_name = _info.claim_name(base, attempts, claimed, token)
+        source, claim_path = f"{new_dir}/{name}", f"{cur_dir}/{claim_name}"
+        try:
+            # A plain rename: the claim name is new (random token), so it
+            # cannot replace anything; the source's disappearance decides
+            # between consumers racing for the same message.
+            _syscalls.rename(source, claim_path)
+        except FileNotFoundError:
+            return _LOST  # another consumer was faster
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG or (
+                e.errno == errno.EPERM and _owned_by_another(source)
+            ):
+                # Longer than this filesystem allows a claim, or another
+                # user's file in a sticky new/: never again in this process;
+                # it stays in new/ for an operator or its owner.
+                self._unclaimable.add(name)
+                return None
+            # An unknown outcome (EIO from a network filesystem whose reply
+            # was lost): look.  The claim name is ours alone.
+            if not os.path.lexists(claim_path):
+                if os.path.lexists(source):
+                    raise
+                return _LOST
+        if self.durable:
+            _tree.sync_dir(cur_dir)
+            _tree.sync_dir(new_dir)
+        return Claim(self, base, claim_path, attempts, claimed / 1e6, token)
 
     def _list_new(self) -> builtins.list[str]:
         """The claimable names of ``new/``, oldest last.
