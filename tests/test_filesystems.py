@@ -29,7 +29,7 @@ import mounts
 from atomstore import Claim, ClaimLostError, FileStore, atomic
 from atomstore._rename import Capabilities
 from atomstore._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from fstree import listing, tree
+from fstree import listing, store_entries, tree
 from kill_harness import kill_trials
 from needs import need, need_device, need_root, need_tool
 from tracing import Recorder
@@ -765,3 +765,49 @@ def test_a_new_mount_on_a_reused_device_number_is_probed_afresh(
             refused = None
         contents = {p.name: p.read_text() for p in (a, b) if p.exists()}
     assert (caps, refused, contents) == (DROPPED, errno.EOPNOTSUPP, {"a": "A", "b": "B"})
+
+
+def test_a_signal_storm_leaves_nothing(fs: Mount, place: Path) -> None:
+    # KeyboardInterrupt (as SIGINT raises it, and a handler of SIGTERM that
+    # raises) at random moments of writes, replaces, adds and batches: on
+    # every filesystem, the unnamed and the named way alike, nothing is left
+    # and whatever carries a name is complete.
+    from test_interrupts import storm
+
+    store = FileStore(place / "spool", durable=False)
+    store.prepare()
+    payload = os.urandom(2048)
+
+    def operation(i: int) -> None:
+        step = i % 4
+        if step == 0:
+            atomic.write_bytes(place / f"new-{i}", payload, durable=False)
+        elif step == 1:
+            with atomic.file(place / "same", "wb", overwrite=True, durable=False) as f:
+                f.write(payload)
+        elif step == 2:
+            store.add(payload)
+        else:
+            store.add_many([payload, payload])
+
+    # Interrupts spread over an operation's whole length on this mount.
+    started = time.perf_counter()
+    for i in range(8):
+        operation(i)
+    longest = 1.5 * (time.perf_counter() - started) / 8
+    interrupted = storm(operation, 600, longest)
+    print(f"{fs.kind.name}: {interrupted} of 600 interrupted")
+    assert interrupted > 60
+    left = [n for n in os.listdir(place) if n.startswith(".")]
+    left += [e for e in store_entries(store) if "/." in e or e.startswith("tmp/")]
+    assert left == []
+    for name in os.listdir(place):
+        if name.startswith(("new-", "same")):
+            assert (place / name).read_bytes() == payload
+    for entry in store_entries(store):
+        assert Path(store.path, entry).read_bytes() == payload
+    shutil.rmtree(place / "spool")
+    for name in os.listdir(place):
+        if name.startswith(("new-", "same")):
+            os.unlink(place / name)
+    assert_untouched_seed(place)

@@ -42,9 +42,9 @@ class Batch:
 
     def __init__(self, store: FileStore) -> None:
         self._store = store
-        # In order: each message's name, its path in tmp/ or the descriptor
-        # of its unnamed file in new/, and when it is due (0: not delayed).
-        self._staged: collections.deque[tuple[str, str | int, int]] = collections.deque()
+        # In order: each message's name, its path in tmp/ or its unnamed file
+        # in new/ (open), and when it is due (0: not delayed).
+        self._staged: collections.deque[tuple[str, str | _staging.Temp, int]] = collections.deque()
         self._unnamed = 0  # descriptors held
         self._named_only = False  # the filesystem or the process said no
         self._spilled = False  # some descriptors were named in tmp/
@@ -59,7 +59,8 @@ class Batch:
         """
         store = self._store
         due_us = store._due_time(delay)
-        staged = _staging.Temp()
+        # Guarded: held by the batch from here on, collected with it.
+        staged = _staging.GuardedTemp()
         try:
             unnamed = not self._named_only and self._unnamed < UNNAMED_MAX
             try:
@@ -81,16 +82,20 @@ class Batch:
                 name = store._stage(staged, data, encoding)
             if unnamed and staged.fd is None:
                 self._named_only = True  # no use asking again
-            if staged.fd is not None and store.durable:
-                _syscalls.fsync(staged.fd)  # synced now, as a message in tmp/ is
-            entry = staged.fd if staged.fd is not None else staged.path
-            assert entry is not None
-            # The batch's to publish or discard from now on (a descriptor
-            # lost to an interruption here leaves no file; a name stays held).
-            staged.hand_over()
-            self._staged.append((name, entry, due_us))
-            if isinstance(entry, int):
+            if staged.fd is not None:
+                if store.durable:
+                    _syscalls.fsync(staged.fd)  # synced now, as a message in tmp/ is
+                # The file itself, descriptor and all: nothing moves from
+                # one holder to another, where an interruption could lose
+                # it.  Interrupted right after, the discard below empties
+                # it, and an empty file is passed over.
                 self._unnamed += 1
+                self._staged.append((name, staged, due_us))
+            else:
+                path = staged.path
+                assert path is not None
+                staged.hand_over()  # the name stays held until published
+                self._staged.append((name, path, due_us))
         except BaseException:
             staged.discard()
             raise
@@ -105,18 +110,18 @@ class Batch:
         tmp_dir = self._store._checked("tmp")
         staged = self._staged
         for index, (name, entry, due_us) in enumerate(staged):
-            if isinstance(entry, str):
+            if isinstance(entry, str) or entry.fd is None:
                 continue
             temp = f"{tmp_dir}/{name}"
             _staging.hold(temp)
             try:
-                _syscalls.link_fd(entry, temp)
+                _syscalls.link_fd(entry.fd, temp)
             except OSError as e:
                 _staging.let_go(temp)
                 raise OSError(e.errno, e.strerror, temp) from None
-            staged[index] = (name, temp, due_us)  # forgotten as a descriptor first
+            staged[index] = (name, temp, due_us)
             self._unnamed -= 1
-            _staging.close_quietly(entry)
+            entry.close()  # (collected, it would be closed too)
 
     def _spilled_name(self, name: str) -> str:
         """Where :meth:`_spill` names a message in ``tmp/``."""
@@ -140,6 +145,9 @@ class Batch:
         try:
             while staged:
                 name, entry, due_us = staged[0]
+                if not isinstance(entry, str) and entry.fd is None:
+                    staged.popleft()  # emptied by an interrupted add()
+                    continue
                 if due_us:
                     target = f"{delay_dir}/{_delays.delayed_name(name, due_us)}"
                 else:
@@ -165,26 +173,29 @@ class Batch:
                     _tree.sync_dir(directory)
         return self.published
 
-    def _publish(self, entry: str | int, target: str) -> None:
+    def _publish(self, entry: str | _staging.Temp, target: str) -> None:
         if isinstance(entry, str):
             _staging.publish(entry, target, self._store._capabilities(), False)
             return
+        assert entry.fd is not None
         try:
-            _syscalls.link_fd(entry, target)  # never replaces anything
+            _syscalls.link_fd(entry.fd, target)  # never replaces anything
         except OSError as e:
             raise OSError(e.errno, e.strerror, target) from None
 
     def _published(
-        self, staged: collections.deque[tuple[str, str | int, int]], name: str, entry: str | int
+        self,
+        staged: collections.deque[tuple[str, str | _staging.Temp, int]],
+        name: str,
+        entry: str | _staging.Temp,
     ) -> None:
         """The first staged message is in ``new/``: say so, then let go of
-        it.  Forgotten before its descriptor is closed: a second cleanup
-        never closes a number that may be reused meanwhile."""
+        it (a descriptor is forgotten as it is closed)."""
         staged.popleft()
         self.published.append(name)
-        if isinstance(entry, int):
+        if not isinstance(entry, str):
             self._unnamed -= 1
-            _staging.close_quietly(entry)
+            entry.close()
             if self._spilled:  # named in tmp/ too, by a spill cut short
                 self._remove_spilled(name)
         else:
@@ -195,12 +206,10 @@ class Batch:
         staged = self._staged
         while staged:
             name, entry, _ = staged[-1]
-            if isinstance(entry, int):
-                # Forgotten before it is closed: interrupted in between, a
-                # second discard must not close a number reused meanwhile.
+            if not isinstance(entry, str):
+                entry.close()  # an unnamed file dies with it; twice is harmless
                 staged.pop()
                 self._unnamed -= 1
-                _staging.close_quietly(entry)  # an unnamed file dies with it
                 if self._spilled:  # unless a spill cut short named it in tmp/
                     self._remove_spilled(name)
             else:

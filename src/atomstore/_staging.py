@@ -72,12 +72,13 @@ class Temp:
     signal handler's SystemExit) leaves no file behind.
     """
 
-    __slots__ = ("fd", "path", "raw", "special")
+    __slots__ = ("_fds", "path", "raw", "special")
 
     def __init__(self) -> None:
         # The staging name, while there may be a file under it.
         self.path: str | None = None
-        self.fd: int | None = None
+        # The descriptor, kept in a list that open_into() fills from C code.
+        self._fds: list[int] = []
         # A mode with set-user-ID, set-group-ID or sticky bits, to set again
         # after the last write (see settle_mode).
         self.special: int | None = None
@@ -85,6 +86,38 @@ class Temp:
         # It is closed first: a buffer or wrapper still around it would
         # otherwise write, when collected, to whatever file reuses the number.
         self.raw: IO[bytes] | None = None
+
+    @property
+    def fd(self) -> int | None:
+        """The open descriptor of the file, or None."""
+        fds = self._fds
+        return fds[-1] if fds else None
+
+    @fd.setter
+    def fd(self, value: int | None) -> None:
+        # None: closed, or someone else's to close now.
+        self._fds[:] = () if value is None else (value,)
+
+    def open_into(self, path: str, flags: int, mode: int) -> int:
+        """``os.open()``, its descriptor kept here before any signal handler
+        can run.
+
+        An interruption (KeyboardInterrupt, a handler's SystemExit) strikes
+        between two Python instructions: after ``open()`` returned and before
+        its result was stored, the descriptor would be lost, and with it a
+        file system that cannot be unmounted.  Here ``list.extend`` stores
+        what ``map`` gets from ``os.open``, all in C.
+        """
+        self._fds.extend(map(_syscalls.open, (path,), (flags,), (mode,)))
+        return self._fds[-1]
+
+    def close_fd(self) -> None:
+        """Close the descriptor (an error of close(2) is raised), forgotten
+        as it is closed: ``map`` pops it and closes it in C, so that no
+        interruption leaves it open and forgotten, or closed and still
+        held (a second close could hit a number reused meanwhile)."""
+        fds = self._fds
+        any(map(_syscalls.close, map(fds.pop, [-1] * len(fds))))
 
     def name(self, path: str) -> None:
         """Take ``path`` as the staging name, held before the file exists."""
@@ -108,9 +141,10 @@ class Temp:
             self.close_raw()
         except Exception:
             pass
-        fd, self.fd = self.fd, None
-        if fd is not None:
-            close_quietly(fd)
+        try:
+            self.close_fd()
+        except OSError:
+            self.close()  # the rest, if several
 
     def close_raw(self) -> None:
         """Close the raw file object over the descriptor, not the descriptor."""
@@ -149,7 +183,7 @@ class GuardedTemp(Temp):
 
     def __del__(self) -> None:
         # In __init__ the attributes may not even be set yet.
-        if getattr(self, "path", None) is not None or getattr(self, "fd", None) is not None:
+        if getattr(self, "path", None) is not None or getattr(self, "_fds", None):
             try:
                 self.discard()
             except BaseException:  # interrupted in turn: finish, quietly
@@ -173,7 +207,7 @@ def open_anonymous(
     if not _O_TMPFILE or directory in _named_only or not _syscalls.can_link_fd():
         return False
     try:
-        into.fd = _syscalls.open(
+        fd = into.open_into(
             directory,
             ANONYMOUS_FLAGS | _O_NOFOLLOW if nofollow else ANONYMOUS_FLAGS,
             0o666 if perms is None else perms,
@@ -186,7 +220,7 @@ def open_anonymous(
             return False
         raise OSError(e.errno, e.strerror, directory) from None
     if perms is not None:
-        _syscalls.fchmod(into.fd, perms)
+        _syscalls.fchmod(fd, perms)
         if perms & 0o7000:
             into.special = perms
     return True
@@ -216,8 +250,7 @@ def link_anonymous(staged: Temp, dest: str, durable: bool) -> None:
         except OSError as e:
             # Named by the destination, not by the descriptor's number.
             raise OSError(e.errno, e.strerror, dest) from None
-        staged.fd = None
-        _syscalls.close(fd)
+        staged.close_fd()
     except BaseException:
         staged.discard()
         raise
@@ -225,18 +258,24 @@ def link_anonymous(staged: Temp, dest: str, durable: bool) -> None:
         _tree.sync_dir(os.path.dirname(dest) or ".")
 
 
-def open_exclusive(path: str, perms: int | None = None) -> int:
+def open_exclusive(path: str, perms: int | None = None, into: Temp | None = None) -> int:
     """Create ``path`` for writing; never an existing file, never a symlink.
 
     ``perms`` is set exactly (fchmod); without it the file gets 0o666 minus
-    the umask, as ``open()`` gives.
+    the umask, as ``open()`` gives.  With ``into`` the descriptor is kept
+    there as it is opened (see :meth:`Temp.open_into`).
     """
-    fd = _syscalls.open(path, FILE_FLAGS, 0o666 if perms is None else perms)
+    mode = 0o666 if perms is None else perms
+    if into is None:
+        fd = _syscalls.open(path, FILE_FLAGS, mode)
+    else:
+        fd = into.open_into(path, FILE_FLAGS, mode)
     if perms is not None:
         try:
             _syscalls.fchmod(fd, perms)
         except BaseException:
-            discard(path, fd)
+            if into is None:  # else the caller discards ``into``
+                discard(path, fd)
             raise
     return fd
 
@@ -280,7 +319,7 @@ def open_temp(
         _live[temp] = False  # into.name(temp), inline
         into.path = temp
         try:
-            fd = into.fd = _syscalls.open(temp, FILE_FLAGS, create)
+            fd = into.open_into(temp, FILE_FLAGS, create)
         except FileExistsError:
             into.unname()  # another's: never ours to remove
             continue
@@ -345,8 +384,10 @@ def replace_with_bytes(
     """
     temp = f"{directory}/{_names.staging_name(base, 'tmp')}"
     _live[temp] = False  # held before it exists
+    opened: list[int] = []  # kept from C code, as Temp.open_into does
     try:
-        fd = _syscalls.open(temp, FILE_FLAGS, like.st_mode & 0o707)  # see open_temp
+        opened.extend(map(_syscalls.open, (temp,), (FILE_FLAGS,), (like.st_mode & 0o707,)))
+        fd = opened[0]  # see open_temp for the mode
     except FileExistsError:  # another's name (a collision): never ours to remove
         _live.pop(temp, None)
         staged = Temp()
@@ -359,6 +400,8 @@ def replace_with_bytes(
         _forget(temp)
         raise OSError(e.errno, e.strerror, directory) from None
     except BaseException:
+        for fd in opened:
+            close_quietly(fd)
         _forget(temp)
         raise
     try:
@@ -424,8 +467,7 @@ def fill(staged: Temp, data: bytes | bytearray | memoryview | IO[bytes], durable
         write_data(fd, data)
         if durable:
             _syscalls.fsync(fd)
-        staged.fd = None
-        _syscalls.close(fd)
+        staged.close_fd()
     except BaseException:
         staged.discard()
         raise

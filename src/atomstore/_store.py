@@ -557,7 +557,7 @@ class FileStore:
             temp = f"{tmp_dir}/{name}"
             staged.name(temp)
             try:
-                staged.fd = _staging.open_exclusive(temp, self.mode)
+                _staging.open_exclusive(temp, self.mode, staged)
                 return name
             except FileExistsError:  # pragma: no cover - the random part repeated
                 staged.unname()  # another's

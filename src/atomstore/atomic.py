@@ -343,8 +343,7 @@ class AtomicFile:
             _staging.settle_mode(staged)
             if self._durable:
                 _syscalls.fsync(fd)
-            staged.fd = None
-            _syscalls.close(fd)
+            staged.close_fd()
             _staging.publish(self._temp, self._dest, caps, self._durable)
             staged.published()
         except BaseException:
@@ -404,13 +403,11 @@ def write_bytes(
         if durable:
             _syscalls.fsync(fd)
         if overwrite:
-            staged.fd = None
-            _syscalls.close(fd)
+            staged.close_fd()
             _syscalls.rename(temp, dest)
         else:
             caps = _rename.capabilities(directory, os.fstat(fd).st_dev)
-            staged.fd = None
-            _syscalls.close(fd)
+            staged.close_fd()
             _rename.rename_noreplace(temp, dest, caps, private=True)
         staged.published()
     except FileExistsError:
