@@ -148,3 +148,20 @@ def test_take_any(store: FileStore) -> None:
 def test_take_count_must_be_positive(store: FileStore, count: str) -> None:
     proc = run("take", "--count", count, store.path)
     assert proc.returncode == 2
+
+
+def test_a_consumer_keeps_only_the_oldest_of_a_huge_backlog(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("atomstore._store._BACKLOG_MAX", 10)
+    names = store.add_many(b"%d" % i for i in range(35))
+    consumer = FileStore(store.path, durable=False)
+    order = []
+    for _ in range(35):
+        claim = consumer.claim()
+        assert claim is not None
+        assert len(consumer._backlog) < 10  # never all 35 names at once
+        order.append(claim.name)
+        claim.finish()
+    assert order == names  # still the oldest first, across listings
+    assert consumer.claim() is None

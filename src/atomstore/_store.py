@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import builtins
 import errno
+import heapq
 import io
+import itertools
 import math
 import os
 import stat
@@ -42,6 +44,8 @@ _LATE = ("dead", "delay")
 _DELAY_RELIST = 5.0
 # claim(oldest=False) picks among this many of the first names read.
 _ANY_AMONG = 16
+# Names a consumer keeps from one listing of new/ (about 6 MB of them).
+_BACKLOG_MAX = 65536
 # What _take() returns for a message another consumer claimed first.
 _LOST: Claim = object()  # type: ignore[assignment]
 _NAME_MAX = 255
@@ -797,7 +801,10 @@ class FileStore:
         return Claim(self, base, claim_path, attempts, claimed / 1e6, token)
 
     def _list_new(self) -> builtins.list[str]:
-        """The claimable names of ``new/``, oldest last.
+        """The claimable names of ``new/``, oldest last: all of them, or
+        the oldest :data:`_BACKLOG_MAX` of a bigger backlog (listed again
+        when those are claimed), so that a consumer's memory stays flat
+        whatever waits.
 
         Only regular files are candidates: hidden names (staging files,
         ``.nfsXXXX``, ``.DS_Store``), directories, FIFOs, sockets, devices
@@ -807,11 +814,15 @@ class FileStore:
         new_dir = self._dirs["new"]
         skip = self._unclaimable
         with os.scandir(new_dir) as entries:
-            names = [
+            found = (
                 e.name
                 for e in entries
                 if e.name[0] != "." and e.is_file(follow_symlinks=False) and e.name not in skip
-            ]
+            )
+            names = list(itertools.islice(found, _BACKLOG_MAX))
+            if len(names) == _BACKLOG_MAX:
+                # More than that wait: keep the oldest, never all of them.
+                names = heapq.nsmallest(_BACKLOG_MAX, itertools.chain(names, found))
         names.sort(reverse=True)
         return names
 
