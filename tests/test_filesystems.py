@@ -793,7 +793,7 @@ def test_a_signal_storm_leaves_nothing(fs: Mount, place: Path) -> None:
     # Interrupts spread over an operation's whole length on this mount.
     started = time.perf_counter()
     for i in range(8):
-        operation(i)
+        operation(10_000 + i)  # names of their own
     longest = 1.5 * (time.perf_counter() - started) / 8
     interrupted = storm(operation, 600, longest)
     print(f"{fs.kind.name}: {interrupted} of 600 interrupted")

@@ -42,12 +42,14 @@ class Batch:
 
     def __init__(self, store: FileStore) -> None:
         self._store = store
-        # In order: each message's name, its path in tmp/ or its unnamed file
-        # in new/ (open), and when it is due (0: not delayed).
-        self._staged: collections.deque[tuple[str, str | _staging.Temp, int]] = collections.deque()
+        # In order: each message's name, its staging file (open and without
+        # a name in new/, or closed under a name in tmp/), and when it is
+        # due (0: not delayed).  The batch holds the staging files
+        # themselves: nothing moves from one holder to another, where an
+        # interruption could lose it.
+        self._staged: collections.deque[tuple[str, _staging.Temp, int]] = collections.deque()
         self._unnamed = 0  # descriptors held
         self._named_only = False  # the filesystem or the process said no
-        self._spilled = False  # some descriptors were named in tmp/
         self._pid = os.getpid()  # a forked child's copy is not its own
         self.published: builtins.list[str] = []
 
@@ -85,17 +87,10 @@ class Batch:
             if staged.fd is not None:
                 if store.durable:
                     _syscalls.fsync(staged.fd)  # synced now, as a message in tmp/ is
-                # The file itself, descriptor and all: nothing moves from
-                # one holder to another, where an interruption could lose
-                # it.  Interrupted right after, the discard below empties
-                # it, and an empty file is passed over.
                 self._unnamed += 1
-                self._staged.append((name, staged, due_us))
-            else:
-                path = staged.path
-                assert path is not None
-                staged.hand_over()  # the name stays held until published
-                self._staged.append((name, path, due_us))
+            # Interrupted right after, the discard below empties the file,
+            # and an empty one is passed over.
+            self._staged.append((name, staged, due_us))
         except BaseException:
             staged.discard()
             raise
@@ -106,26 +101,19 @@ class Batch:
         no consumer looks) and close the descriptor: for a process short of
         them.  The rest of the batch is staged in ``tmp/``."""
         self._named_only = True
-        self._spilled = True  # from now on a descriptor's name may exist
         tmp_dir = self._store._checked("tmp")
-        staged = self._staged
-        for index, (name, entry, due_us) in enumerate(staged):
-            if isinstance(entry, str) or entry.fd is None:
+        for name, entry, _ in self._staged:
+            fd = entry.fd
+            if fd is None or entry.path is not None:
                 continue
             temp = f"{tmp_dir}/{name}"
-            _staging.hold(temp)
+            entry.name(temp)  # held before it exists
             try:
-                _syscalls.link_fd(entry.fd, temp)
+                _syscalls.link_fd(fd, temp)
             except OSError as e:
-                _staging.let_go(temp)
                 raise OSError(e.errno, e.strerror, temp) from None
-            staged[index] = (name, temp, due_us)
             self._unnamed -= 1
-            entry.close()  # (collected, it would be closed too)
-
-    def _spilled_name(self, name: str) -> str:
-        """Where :meth:`_spill` names a message in ``tmp/``."""
-        return f"{self._store._dirs['tmp']}/{name}"
+            entry.close()  # named now: published by its name
 
     def commit(self) -> builtins.list[str]:
         """Publish what was staged (durable on return); return the names.
@@ -145,7 +133,7 @@ class Batch:
         try:
             while staged:
                 name, entry, due_us = staged[0]
-                if not isinstance(entry, str) and entry.fd is None:
+                if entry.fd is None and entry.path is None:
                     staged.popleft()  # emptied by an interrupted add()
                     continue
                 if due_us:
@@ -159,12 +147,12 @@ class Batch:
                 except BaseException:
                     # Interrupted as the move returned, the message is
                     # delivered: it must be said, or a retry sends it twice.
-                    gone = not isinstance(entry, str) or not os.path.lexists(entry)
-                    if gone and os.path.lexists(target):
-                        self._published(staged, name, entry)
+                    moved = entry.fd is not None or not os.path.lexists(entry.path or "")
+                    if moved and os.path.lexists(target):
+                        self._published(name, entry)
                         synced.add(os.path.dirname(target))
                     raise
-                self._published(staged, name, entry)
+                self._published(name, entry)
                 synced.add(os.path.dirname(target))
         finally:
             self.discard()
@@ -173,54 +161,37 @@ class Batch:
                     _tree.sync_dir(directory)
         return self.published
 
-    def _publish(self, entry: str | _staging.Temp, target: str) -> None:
-        if isinstance(entry, str):
-            _staging.publish(entry, target, self._store._capabilities(), False)
+    def _publish(self, entry: _staging.Temp, target: str) -> None:
+        fd = entry.fd
+        if fd is None:
+            assert entry.path is not None
+            _staging.publish(entry.path, target, self._store._capabilities(), False)
             return
-        assert entry.fd is not None
         try:
-            _syscalls.link_fd(entry.fd, target)  # never replaces anything
+            _syscalls.link_fd(fd, target)  # never replaces anything
         except OSError as e:
             raise OSError(e.errno, e.strerror, target) from None
 
-    def _published(
-        self,
-        staged: collections.deque[tuple[str, str | _staging.Temp, int]],
-        name: str,
-        entry: str | _staging.Temp,
-    ) -> None:
-        """The first staged message is in ``new/``: say so, then let go of
-        it (a descriptor is forgotten as it is closed)."""
-        staged.popleft()
+    def _published(self, name: str, entry: _staging.Temp) -> None:
+        """The first staged message is in its area: say so, then let go of
+        its staging file (a name a spill cut short gave it too goes)."""
+        self._staged.popleft()
         self.published.append(name)
-        if not isinstance(entry, str):
+        if entry.fd is not None:
             self._unnamed -= 1
-            entry.close()
-            if self._spilled:  # named in tmp/ too, by a spill cut short
-                self._remove_spilled(name)
+            entry.discard()  # closed, and its name in tmp/, if any, removed
         else:
-            _staging.let_go(entry)
+            entry.unname()  # renamed: nothing left under that name
 
     def discard(self) -> None:
         """Remove what is staged and not yet published."""
         staged = self._staged
         while staged:
-            name, entry, _ = staged[-1]
-            if not isinstance(entry, str):
-                entry.close()  # an unnamed file dies with it; twice is harmless
-                staged.pop()
+            _, entry, _ = staged[-1]
+            if entry.fd is not None:
                 self._unnamed -= 1
-                if self._spilled:  # unless a spill cut short named it in tmp/
-                    self._remove_spilled(name)
-            else:
-                _tree.unlink_quietly(entry)
-                _staging.let_go(entry)
-                staged.pop()
-
-    def _remove_spilled(self, name: str) -> None:
-        spilled = self._spilled_name(name)
-        _tree.unlink_quietly(spilled)
-        _staging.let_go(spilled)
+            entry.discard()  # twice is harmless
+            staged.pop()
 
     def __enter__(self) -> Batch:
         return self

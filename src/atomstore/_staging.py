@@ -173,16 +173,23 @@ class GuardedTemp(Temp):
     """A :class:`Temp` that discards itself when collected undiscarded.
 
     For a staging file that lives while the caller's code runs (an
-    ``atomic.file()`` block): an interruption can strike where no handler of
-    the caller's runs (entering ``__exit__``, say).  The short writes, whose
-    every step is inside their own ``try``, do without the cost of a
-    finalizer.
+    ``atomic.file()`` block, a batch): an interruption can strike where no
+    handler of the caller's runs (entering ``__exit__``, say).  The short
+    writes, whose every step is inside their own ``try``, do without the
+    cost of a finalizer.  A forked child's copy is never discarded: the
+    file is its parent's.
     """
 
-    __slots__ = ()
+    __slots__ = ("_pid",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pid = os.getpid()
 
     def __del__(self) -> None:
         # In __init__ the attributes may not even be set yet.
+        if getattr(self, "_pid", None) != os.getpid():
+            return
         if getattr(self, "path", None) is not None or getattr(self, "_fds", None):
             try:
                 self.discard()
