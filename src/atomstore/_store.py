@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import builtins
 import errno
-import heapq
 import io
-import itertools
 import math
 import os
 import stat
@@ -44,8 +42,8 @@ _LATE = ("dead", "delay")
 _DELAY_RELIST = 5.0
 # claim(oldest=False) picks among this many of the first names read.
 _ANY_AMONG = 16
-# Names a consumer keeps from one listing of new/ (about 6 MB of them).
-_BACKLOG_MAX = 65536
+# Names a consumer keeps from one listing of new/ (about 10 MB of them).
+_BACKLOG_MAX = 100_000
 # What _take() returns for a message another consumer claimed first.
 _LOST: Claim = object()  # type: ignore[assignment]
 _NAME_MAX = 255
@@ -813,17 +811,28 @@ class FileStore:
         """
         new_dir = self._dirs["new"]
         skip = self._unclaimable
+        names: builtins.list[str] = []
+        # Once more than _BACKLOG_MAX were found, only names older than the
+        # youngest kept can be kept: the rest are passed over at once.
+        youngest = None
         with os.scandir(new_dir) as entries:
-            found = (
-                e.name
-                for e in entries
-                if e.name[0] != "." and e.is_file(follow_symlinks=False) and e.name not in skip
-            )
-            names = list(itertools.islice(found, _BACKLOG_MAX))
-            if len(names) == _BACKLOG_MAX:
-                # More than that wait: keep the oldest, never all of them.
-                names = heapq.nsmallest(_BACKLOG_MAX, itertools.chain(names, found))
+            for entry in entries:
+                name = entry.name
+                if (
+                    name[0] == "."
+                    or (youngest is not None and name >= youngest)
+                    or not entry.is_file(follow_symlinks=False)
+                    or name in skip
+                ):
+                    continue
+                names.append(name)
+                if len(names) >= 2 * _BACKLOG_MAX:
+                    names.sort()
+                    del names[_BACKLOG_MAX:]
+                    youngest = names[-1]
         names.sort(reverse=True)
+        if len(names) > _BACKLOG_MAX:
+            del names[: len(names) - _BACKLOG_MAX]  # the youngest, at the front
         return names
 
     def claimed(self, name: str) -> Claim:
