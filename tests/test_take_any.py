@@ -165,3 +165,46 @@ def test_a_consumer_keeps_only_the_oldest_of_a_huge_backlog(
         claim.finish()
     assert order == names  # still the oldest first, across listings
     assert consumer.claim() is None
+
+
+def test_a_consumer_behind_others_skips_what_they_took(store: FileStore, trace: Recorder) -> None:
+    names = store.add_many(b"%d" % i for i in range(64))
+    behind = FileStore(store.path, durable=False)
+    first = behind.claim()  # lists all 64, claims the oldest
+    assert first is not None
+    ahead = FileStore(store.path, durable=False)
+    for _ in range(40):  # another consumer takes the next 40 meanwhile
+        claim = ahead.claim()
+        assert claim is not None
+        claim.finish()
+    trace.calls.clear()
+    got = []
+    while (claim := behind.claim()) is not None:
+        got.append(claim.name)
+        claim.finish()
+    failed = [c for c in trace.calls if c.name == "rename" and c.error is not None]
+    assert len(failed) <= 6  # a few (logarithmic), not one per name taken meanwhile
+    # Whatever this listing dropped while it still waited is claimed after
+    # the next listing: nothing is lost.
+    assert sorted(got) == sorted(names[41:])
+    assert store_entries(store) == [f"cur/{os.path.basename(first.path)}"]
+
+
+def test_consumers_meeting_each_other_lose_few_races(store: FileStore, trace: Recorder) -> None:
+    store.add_many(b"%d" % i for i in range(2000))
+    done: list[int] = [0, 0, 0, 0]
+
+    def consume(index: int) -> None:
+        consumer = FileStore(store.path, durable=False)
+        while (claim := consumer.claim()) is not None:
+            claim.finish()
+            done[index] += 1
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(done) == 2000
+    lost = [c for c in trace.calls if c.name == "rename" and c.error is not None]
+    assert len(lost) / 2000 <= 1.5

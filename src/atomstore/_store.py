@@ -711,6 +711,7 @@ class FileStore:
             claim = self._take(name, new_dir, cur_dir)
             if claim is _LOST:
                 lost += 1
+                _skip_taken(backlog, new_dir)
             elif claim is not None:
                 return claim
 
@@ -1055,6 +1056,27 @@ def _payload(data: Data, encoding: str) -> bytes | bytearray | memoryview | IO[b
     if not isinstance(data, (bytes, bytearray, memoryview)) and not hasattr(data, "read"):
         raise TypeError(f"data must be bytes-like, str or a binary file, not {type(data).__name__}")
     return data
+
+
+def _skip_taken(backlog: builtins.list[str], new_dir: str) -> None:
+    """After a race lost on the oldest name of ``backlog``: drop the names
+    behind it that are gone too.
+
+    Other consumers take the oldest names as well, so those just behind a
+    lost one are likely gone: looked at 1, 2, 4, 8... names in with an
+    ``lstat`` each, the ones before the first still waiting are dropped
+    from this listing, instead of each costing a claim that fails.  (One
+    dropped while still waiting is claimed by another consumer, or here
+    after the next listing.)
+    """
+    step = 1
+    while step <= len(backlog):
+        if os.path.lexists(f"{new_dir}/{backlog[-step]}"):
+            break
+        step *= 2
+    gone = min(step // 2, len(backlog))  # looked at, and gone
+    if gone:
+        del backlog[-gone:]
 
 
 def _owned_by_another(path: str) -> bool:
