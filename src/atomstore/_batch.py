@@ -11,8 +11,8 @@ from . import _delays, _staging, _syscalls, _tree
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
+    from ._areas import Areas, Data
     from ._args import Duration
-    from ._store import Data, FileStore
 
 # Messages of one batch held as open files without a name: at most a
 # sixteenth of the process's descriptor limit (64 of the usual 1024), so
@@ -40,7 +40,7 @@ class Batch:
     :ivar published: the names delivered so far, in order.
     """
 
-    def __init__(self, store: FileStore) -> None:
+    def __init__(self, store: Areas) -> None:
         self._store = store
         # In order: each message's name, its staging file (open and without
         # a name in new/, or closed under a name in tmp/), and when it is

@@ -13,10 +13,10 @@ from ._args import seconds
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
-    from typing import IO, Any
+    from typing import IO, Any, Callable
 
+    from ._areas import Areas
     from ._args import Duration
-    from ._store import FileStore
 
 READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 # Opening a FIFO to read blocks until a writer comes: never wait on one.
@@ -104,7 +104,7 @@ class Claim:
 
     def __init__(
         self,
-        store: FileStore,
+        store: Areas,
         name: str,
         path: str,
         attempts: int,
@@ -282,8 +282,13 @@ class KeepAlive:
 class Claims:
     """Claims as messages arrive; see :meth:`FileStore.claims`."""
 
-    def __init__(self, store: FileStore, waiter: _watch.Waiter, timeout: float | None) -> None:
-        self._store = store
+    def __init__(
+        self,
+        claim_next: Callable[[], Claim | None],
+        waiter: _watch.Waiter,
+        timeout: float | None,
+    ) -> None:
+        self._claim_next = claim_next
         self._waiter = waiter
         self._timeout = timeout
 
@@ -293,7 +298,7 @@ class Claims:
     def __next__(self) -> Claim:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         while not self._waiter.stopped:
-            claim = self._store._claim_while_waiting()
+            claim = self._claim_next()
             if claim is not None:
                 return claim
             remaining = None if deadline is None else deadline - time.monotonic()

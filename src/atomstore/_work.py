@@ -16,10 +16,20 @@ from ._claim import ClaimLostError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
+    import builtins
     from typing import Callable, Protocol
 
+    from ._args import Duration
     from ._claim import Claim, KeepAlive
-    from ._store import FileStore
+
+    class Queue(Protocol):
+        """What the runner uses of a :class:`~atomstore.FileStore`."""
+
+        def claim(self, wait: Duration | None = ..., *, oldest: bool = ...) -> Claim | None: ...
+
+        def recover(self, older_than: Duration) -> builtins.list[str]: ...
+
+        def list(self, area: str) -> builtins.list[str]: ...
 
     class Job(Protocol):
         """One claim's work, as the runner sees it."""
@@ -85,7 +95,7 @@ class Worker:
 
     def __init__(
         self,
-        store: FileStore,
+        store: Queue,
         start: Callable[[Claim], Job],
         *,
         workers: int = 1,
