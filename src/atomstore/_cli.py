@@ -559,7 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     null_option(put, "name")
     ls = store_command(
-        "ls", cmd_ls, "list an area (tmp, new, cur, dead), oldest first", changes=False
+        "ls",
+        cmd_ls,
+        "list an area (tmp, new, cur, dead, delay), oldest (or first due) first",
+        changes=False,
     )
     ls.add_argument("area", metavar="AREA", nargs="?", default="new", choices=AREAS)
     null_option(ls, "path")
