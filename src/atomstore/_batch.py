@@ -11,6 +11,8 @@ from . import _delays, _staging, _syscalls, _tree
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._areas import Areas, Data
     from ._args import Duration
 
@@ -42,12 +44,12 @@ class Batch:
 
     def __init__(self, store: Areas) -> None:
         self._store = store
-        # In order: each message's name, its staging file (open and without
-        # a name in new/, or closed under a name in tmp/), and when it is
-        # due (0: not delayed).  The batch holds the staging files
-        # themselves: nothing moves from one holder to another, where an
-        # interruption could lose it.
-        self._staged: collections.deque[tuple[str, _staging.Temp, int]] = collections.deque()
+        # In order: [each message's name (None until it is staged), its
+        # staging file (open and without a name in new/, or closed under a
+        # name in tmp/), when it is due (0: not delayed)].  An entry is
+        # held before its file is made: nothing moves from one holder to
+        # another, where an interruption could lose it.
+        self._staged: collections.deque[list[Any]] = collections.deque()
         self._unnamed = 0  # descriptors held
         self._named_only = False  # the filesystem or the process said no
         self._pid = os.getpid()  # a forked child's copy is not its own
@@ -61,8 +63,9 @@ class Batch:
         """
         store = self._store
         due_us = store._due_time(delay)
-        # Guarded: held by the batch from here on, collected with it.
-        staged = _staging.GuardedTemp()
+        staged = _staging.Temp()
+        entry: list[Any] = [None, staged, due_us]
+        self._staged.append(entry)  # held by the batch before anything exists
         try:
             unnamed = not self._named_only and self._unnamed < UNNAMED_MAX
             try:
@@ -88,11 +91,9 @@ class Batch:
                 if store.durable:
                     _syscalls.fsync(staged.fd)  # synced now, as a message in tmp/ is
                 self._unnamed += 1
-            # Interrupted right after, the discard below empties the file,
-            # and an empty one is passed over.
-            self._staged.append((name, staged, due_us))
+            entry[0] = name  # staged: to be published
         except BaseException:
-            staged.discard()
+            staged.discard()  # the entry stays, empty: passed over
             raise
         return name
 
@@ -104,7 +105,7 @@ class Batch:
         tmp_dir = self._store._checked("tmp")
         for name, entry, _ in self._staged:
             fd = entry.fd
-            if fd is None or entry.path is not None:
+            if name is None or fd is None or entry.path is not None:
                 continue
             temp = f"{tmp_dir}/{name}"
             entry.name(temp)  # held before it exists
@@ -125,7 +126,7 @@ class Batch:
         staged = self._staged
         try:
             new_dir = store._checked("new")
-            delay_dir = store._make_late("delay") if any(due for _, _, due in staged) else None
+            delay_dir = store._make_late("delay") if any(e[2] for e in staged) else None
         except BaseException:
             self.discard()
             raise
@@ -133,7 +134,7 @@ class Batch:
         try:
             while staged:
                 name, entry, due_us = staged[0]
-                if entry.fd is None and entry.path is None:
+                if name is None or (entry.fd is None and entry.path is None):
                     staged.popleft()  # emptied by an interrupted add()
                     continue
                 if due_us:
@@ -142,17 +143,18 @@ class Batch:
                     target = f"{new_dir}/{name}"
                 try:
                     self._publish(entry, target)
+                    self._published(name, entry)
                 except FileExistsError:
                     raise  # the name is another's: nothing of ours is there
                 except BaseException:
                     # Interrupted as the move returned, the message is
                     # delivered: it must be said, or a retry sends it twice.
-                    moved = entry.fd is not None or not os.path.lexists(entry.path or "")
-                    if moved and os.path.lexists(target):
+                    said = bool(self.published) and self.published[-1] == name
+                    if not said and staged and staged[0][1] is entry and _delivered(entry, target):
                         self._published(name, entry)
+                    if self.published and self.published[-1] == name:
                         synced.add(os.path.dirname(target))
                     raise
-                self._published(name, entry)
                 synced.add(os.path.dirname(target))
         finally:
             self.discard()
@@ -173,24 +175,34 @@ class Batch:
             raise OSError(e.errno, e.strerror, target) from None
 
     def _published(self, name: str, entry: _staging.Temp) -> None:
-        """The first staged message is in its area: say so, then let go of
-        its staging file (a name a spill cut short gave it too goes)."""
-        self._staged.popleft()
+        """The first staged message is in its area: say so first, then let
+        go of its staging file (a name a spill cut short gave it too goes)."""
         self.published.append(name)
+        # Let go of the file before the entry: interrupted in between, the
+        # entry is left empty, never a descriptor nobody holds.
         if entry.fd is not None:
             self._unnamed -= 1
             entry.discard()  # closed, and its name in tmp/, if any, removed
         else:
             entry.unname()  # renamed: nothing left under that name
+        self._staged.popleft()
 
     def discard(self) -> None:
-        """Remove what is staged and not yet published."""
+        """Remove what is staged and not yet published.
+
+        In a forked child the files are its parent's: they are only closed
+        here, never removed.
+        """
         staged = self._staged
+        ours = os.getpid() == self._pid
         while staged:
-            _, entry, _ = staged[-1]
+            entry = staged[-1][1]
             if entry.fd is not None:
                 self._unnamed -= 1
-            entry.discard()  # twice is harmless
+            if ours:
+                entry.discard()  # twice is harmless
+            else:
+                entry.close()
             staged.pop()
 
     def __enter__(self) -> Batch:
@@ -199,8 +211,7 @@ class Batch:
     def __del__(self) -> None:
         # A batch dropped without commit() or discard() delivers nothing and
         # holds nothing: its descriptors are closed, its files in tmp/ go.
-        # (Not a forked child's copy: its files are its parent's.)
-        if getattr(self, "_staged", None) and getattr(self, "_pid", None) == os.getpid():
+        if getattr(self, "_staged", None):
             try:
                 self.discard()
             except BaseException:  # interrupted in turn: finish, quietly
@@ -211,3 +222,18 @@ class Batch:
             self.commit()
         else:
             self.discard()
+
+
+def _delivered(entry: _staging.Temp, target: str) -> bool:
+    """Whether the staged file was given its name, as an interruption
+    struck: an open unnamed file has a link once it got one (even if a
+    consumer claimed it since); a file in tmp/ is gone from there and
+    found at its name."""
+    if entry.fd is not None:
+        # A name in tmp/ that a spill cut short gave it is one link more.
+        spilled = entry.path is not None and os.path.lexists(entry.path)
+        try:
+            return os.fstat(entry.fd).st_nlink > (1 if spilled else 0)
+        except OSError:
+            return False
+    return entry.path is not None and not os.path.lexists(entry.path) and os.path.lexists(target)

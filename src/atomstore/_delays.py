@@ -31,7 +31,9 @@ def delayed_name(name: str, due_us: int) -> str:
 
 def split(entry: str) -> tuple[int, str] | None:
     """``(due_us, name)`` of a ``delay/`` entry; None for anything else."""
-    if len(entry) > _DIGITS + 1 and entry[_DIGITS] == "." and entry[:_DIGITS].isdigit():
+    due = entry[:_DIGITS]
+    # isascii(): isdigit() takes other scripts' digits, which int() refuses.
+    if len(entry) > _DIGITS + 1 and entry[_DIGITS] == "." and due.isascii() and due.isdigit():
         return int(entry[:_DIGITS]), entry[_DIGITS + 1 :]
     return None
 

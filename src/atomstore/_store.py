@@ -596,29 +596,25 @@ class FileStore(Areas):
             if claim is not None and claim is not _LOST:
                 return claim
         skip = self._unclaimable
-        while True:
-            names = []
-            with os.scandir(new_dir) as entries:
+        with os.scandir(new_dir) as entries:
+            while True:
+                names = []
                 for entry in entries:
                     name = entry.name
                     if name[0] != "." and entry.is_file(follow_symlinks=False) and name not in skip:
                         names.append(name)
                         if len(names) == _ANY_AMONG:
                             break
-            if not names:
-                return None
-            # Consumers that all read the same first names start at
-            # different ones.
-            start = _names.random_below(len(names))
-            lost = 0
-            for name in names[start:] + names[:start]:
-                claim = self._take(name, new_dir, cur_dir)
-                if claim is _LOST:
-                    lost += 1
-                elif claim is not None:
-                    return claim
-            if not lost:
-                return None  # nothing among them could be claimed here
+                if not names:
+                    return None  # the whole directory read: nothing to claim
+                # Consumers that all read the same first names start at
+                # different ones; names that cannot be claimed here send
+                # this one on to the next few.
+                start = _names.random_below(len(names))
+                for name in names[start:] + names[:start]:
+                    claim = self._take(name, new_dir, cur_dir)
+                    if claim is not None and claim is not _LOST:
+                        return claim
 
     def _take(self, name: str, new_dir: str, cur_dir: str) -> Claim | None:
         """Claim the message ``name`` of ``new/``.
@@ -733,6 +729,8 @@ class FileStore(Areas):
         for entry in due:
             split = _delays.split(entry)
             assert split is not None
+            if split[1][:1] == "." or not _is_regular(f"{delay_dir}/{entry}"):
+                continue  # claimed only as new/ would have it: a visible file
             try:
                 _rename.rename_noreplace(
                     f"{delay_dir}/{entry}", f"{new_dir}/{split[1]}", caps, durable=self.durable
@@ -781,8 +779,9 @@ class FileStore(Areas):
                 continue
             source = os.path.join(cur_dir, name)
             try:
-                # Claim.renew() moves the file's modification time on.
-                if os.lstat(source).st_mtime_ns // 1000 > limit:
+                # Claim.renew() moves the file's modification time on.  One
+                # ahead of this clock is the producer's, not a renewal.
+                if limit < os.lstat(source).st_mtime_ns // 1000 <= now:
                     continue
             except FileNotFoundError:
                 continue  # finished or recovered meanwhile
@@ -846,6 +845,13 @@ class FileStore(Areas):
             for directory in sorted({os.path.dirname(p) for p in removed}):
                 _tree.sync_dir(directory)
         return removed
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _skip_taken(backlog: builtins.list[str], new_dir: str) -> None:

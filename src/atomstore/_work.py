@@ -9,9 +9,11 @@ thread (:meth:`FileStore.work`), or a command run as a process
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
+from . import _delays
 from ._claim import ClaimLostError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
@@ -44,6 +46,12 @@ if TYPE_CHECKING:
 # How long the runner sleeps between looks at its jobs while all its slots
 # are busy, and at most while it waits for a message.
 _TICK = 0.05
+# A delayed message this long overdue is stuck (its name taken in new/): a
+# draining runner does not wait for it.
+_OVERDUE = 30.0
+# Held back while a claim is made and handed to its job: a Ctrl-C there
+# would leave the claim in nobody's hands.
+_HANDOFF_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 class Report:
@@ -197,21 +205,22 @@ class Worker:
             # Wait for a message only when nothing runs: a running job's end
             # must be seen soon.
             wait = _TICK if self._running or started else 0.5
-            claim = self._store.claim(wait=wait)
-            if claim is None:
-                return started
-            keeper = None
-            try:
-                if self._lease is not None:
-                    keeper = claim.keep_alive(self._lease / 3)
-                    keeper.__enter__()
-                job = self._start(claim)
-            except BaseException:
-                if keeper is not None:
-                    keeper.__exit__(None, None, None)
-                claim.release(count_attempt=False)
-                raise
-            self._running.append((claim, job, keeper))
+            with _SignalsHeld():
+                claim = self._store.claim(wait=wait)
+                if claim is None:
+                    return started
+                keeper = None
+                try:
+                    if self._lease is not None:
+                        keeper = claim.keep_alive(self._lease / 3)
+                        keeper.__enter__()
+                    job = self._start(claim)
+                except BaseException:
+                    if keeper is not None:
+                        keeper.__exit__(None, None, None)
+                    claim.release(count_attempt=False)
+                    raise
+                self._running.append((claim, job, keeper))
             started = True
         return started
 
@@ -256,7 +265,34 @@ class Worker:
                 self.report.lost += 1
 
     def _nothing_left(self) -> bool:
-        return not self._store.list("new") and not self._store.list("delay")
+        """Whether no message waits in ``delay/`` that a claim will take:
+        new/ holds nothing claimable (a claim just came back empty); a
+        directory, a foreign name, or a delayed message overdue for long
+        (its name taken in new/, say) is an operator's to look at."""
+        try:
+            delayed = self._store.list("delay")
+        except NotADirectoryError:  # never followed: nothing of ours waits there
+            return True
+        soon = time.time() - _OVERDUE
+        for path in delayed:
+            split = _delays.split(os.path.basename(path))
+            if split is not None and split[0] / 1e6 > soon and os.path.isfile(path):
+                return False
+        return True
+
+
+class _SignalsHeld:
+    """Hold back SIGINT, SIGTERM and SIGHUP for a block (in the main thread,
+    where Python runs its handlers): they are delivered when it ends."""
+
+    def __enter__(self) -> None:
+        self._mask = None
+        if threading.current_thread() is threading.main_thread():
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDOFF_SIGNALS)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
 
 
 class ThreadJob:
