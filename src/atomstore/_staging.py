@@ -392,41 +392,39 @@ def replace_with_bytes(
     temp = f"{directory}/{_names.staging_name(base, 'tmp')}"
     _live[temp] = False  # held before it exists
     opened: list[int] = []  # kept from C code, as Temp.open_into does
+    # One try around it all: no moment between two of them where an
+    # interruption would find the descriptor or the file unguarded.
     try:
-        opened.extend(map(_syscalls.open, (temp,), (FILE_FLAGS,), (like.st_mode & 0o707,)))
-        fd = opened[0]  # see open_temp for the mode
-    except FileExistsError:  # another's name (a collision): never ours to remove
-        _live.pop(temp, None)
-        staged = Temp()
         try:
-            temp, fd = open_temp(staged, directory, base, None, like)
-        except BaseException:
-            staged.discard()
-            raise
-    except OSError as e:
-        _forget(temp)
-        raise OSError(e.errno, e.strerror, directory) from None
-    except BaseException:
-        for fd in opened:
-            close_quietly(fd)
-        _forget(temp)
-        raise
-    try:
+            opened.extend(map(_syscalls.open, (temp,), (FILE_FLAGS,), (like.st_mode & 0o707,)))
+        except FileExistsError:  # another's name (a collision): never ours to remove
+            _live.pop(temp, None)
+            temp = ""
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, directory) from None
+        if not temp:
+            staged = Temp()
+            try:
+                temp, fd = open_temp(staged, directory, base, None, like)
+            except BaseException:
+                staged.discard()
+                raise
+            opened.append(fd)  # ours from here on
+            staged.fd = None
+        fd = opened[0]  # see open_temp for the mode
         special = keep_metadata(fd, like)
         write_all(fd, data)
         if special is not None:
             _syscalls.fchmod(fd, special)  # after the last write
         if durable:
             _syscalls.fsync(fd)
-    except BaseException:
-        close_quietly(fd)
-        _forget(temp)
-        raise
-    try:
-        _syscalls.close(fd)
+        any(map(_syscalls.close, map(opened.pop, [-1])))  # forgotten as it is closed
         _syscalls.rename(temp, dest)
     except BaseException:
-        _forget(temp)
+        while opened:
+            close_quietly(opened.pop())
+        if temp:
+            _forget(temp)
         raise
     _live.pop(temp, None)
 

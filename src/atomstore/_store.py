@@ -46,6 +46,9 @@ __all__ = ["AREAS", "MESSAGE_NAME_MAX", "Claim", "ClaimLostError", "Claims", "Fi
 
 # Where an unknown delay/ is looked at in any case (see _delays).
 _DELAY_RELIST = 5.0
+# A claim's modification time further ahead than this (a minute) is not a
+# renewal but a producer's clock running ahead (see recover()).
+_CLOCK_SLACK_US = 60_000_000
 # claim(oldest=False) picks among this many of the first names read.
 _ANY_AMONG = 16
 # Names a consumer keeps from one listing of new/ (about 10 MB of them).
@@ -780,8 +783,8 @@ class FileStore(Areas):
             source = os.path.join(cur_dir, name)
             try:
                 # Claim.renew() moves the file's modification time on.  One
-                # ahead of this clock is the producer's, not a renewal.
-                if limit < os.lstat(source).st_mtime_ns // 1000 <= now:
+                # far ahead of this clock is a producer's, not a renewal.
+                if limit < os.lstat(source).st_mtime_ns // 1000 <= now + _CLOCK_SLACK_US:
                     continue
             except FileNotFoundError:
                 continue  # finished or recovered meanwhile
