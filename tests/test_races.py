@@ -52,6 +52,7 @@ import pytest
 
 from alarms import scratch_on_tmpfs
 from atomstore import FileStore, _rename, _syscalls
+from atomstore._delays import delayed_name
 from atomstore._info import split_info
 from atomstore._rename import Capabilities
 from forked import Children, exit_code
@@ -462,6 +463,18 @@ def stale_claims(store: FileStore, count: int) -> list[str]:
     return names
 
 
+def due_in_delay(store: FileStore, count: int) -> list[str]:
+    """Move every message into delay/, due long ago: the consumers racing
+    for them first race to move each back into new/ (promotion)."""
+    delay = os.path.join(store.path, "delay")
+    os.mkdir(delay)
+    for path in store.list("new"):
+        name = os.path.basename(path)
+        os.rename(path, os.path.join(delay, delayed_name(name, 1)))
+    assert len(store.list("delay")) == count
+    return []
+
+
 def dead_letters(store: FileStore, count: int) -> list[str]:
     """Claim and release every message into dead/ (max_attempts=1)."""
     for name in stale_claims(store, count):
@@ -509,6 +522,7 @@ ATTACKS: dict[str, tuple[int | None, Prepare, Jobs]] = {
     "requeue-requeue": (1, dead_letters, _requeue_x_requeue),
     "finish-recover": (None, stale_claims, _finish_x_recover),
     "claim-claim": (None, _nothing, _claim_x_claim),
+    "promote-promote": (None, due_in_delay, _claim_x_claim),
 }
 
 
@@ -557,12 +571,29 @@ interleavings = pytest.mark.parametrize("interleaving", INTERLEAVINGS)
 
 def run_fast(spool: Path, name: str, caps_name: str, interleaving: str, children: int) -> None:
     tally = attack(spool, name, caps_name, interleaving, FAST_ROUNDS, FAST_MESSAGES, children)
+    excuse_at_least_once(tally, name, caps_name)
     expect_no_problems(tally, FAST_ROUNDS, FAST_MESSAGES)
 
 
 def run_slow(spool: Path, name: str, caps_name: str, children: int) -> None:
     tally = attack(spool, name, caps_name, "random", SLOW_ROUNDS, SLOW_MESSAGES, children)
+    excuse_at_least_once(tally, name, caps_name)
     expect_no_problems(tally, SLOW_ROUNDS, SLOW_MESSAGES)
+
+
+# On the link + unlink fallback a message being moved has two live names for
+# a moment: a consumer that claims the new one while another promoter finds
+# the old one still there delivers it twice (README, "What the fallbacks
+# guarantee": at least once).  Nothing may be lost, torn or left over.
+AT_LEAST_ONCE = frozenset({"duplicated", "two successes"})
+
+
+def excuse_at_least_once(tally: Tally, name: str, caps_name: str) -> None:
+    """Drop the duplicates the fallback is documented to allow, where it runs."""
+    caps = CAPS[caps_name]
+    if name == "promote-promote" and caps.hardlinks and not caps.noreplace:
+        for kind in AT_LEAST_ONCE:
+            tally.counts.pop(kind, None)
 
 
 @interleavings
@@ -593,6 +624,12 @@ def test_finish_against_recover(spool: Path, caps_name: str, interleaving: str) 
 @caps_names
 def test_claim_against_claim(spool: Path, caps_name: str, interleaving: str) -> None:
     run_fast(spool, "claim-claim", caps_name, interleaving, children=3)
+
+
+@interleavings
+@caps_names
+def test_promote_against_promote(spool: Path, caps_name: str, interleaving: str) -> None:
+    run_fast(spool, "promote-promote", caps_name, interleaving, children=3)
 
 
 @pytest.mark.slow
