@@ -133,7 +133,7 @@ def test_a_process_interrupted_in_its_cleanup_leaves_nothing_at_exit(scratch: Pa
         "from atomstore import _staging\n"
         "held = _staging.Temp()\n"
         "_staging.open_temp(held, sys.argv[1], 'x')\n"
-        "held.hand_over()  # as a batch holds it, its cleanup never to come\n"
+        "held.path = held.fd = None  # forgotten, its cleanup never to come\n"
         "raise SystemExit(3)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, str(scratch)], timeout=60)

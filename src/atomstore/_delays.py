@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 _DIGITS = 17
 LATEST_US: int = 10**_DIGITS - 1  # a due time this late is never reached (year 5138)
@@ -64,25 +65,24 @@ class DueWatch:
         # are popped from the end.
         self._entries: list[str] = []
 
-    def due(self, now: float, now_us: int) -> list[str]:
-        """The entries due at ``now_us`` (wall clock, microseconds), as far
-        as this process knows; each is returned once.
+    def due(self) -> list[str]:
+        """The entries due now (by this host's wall clock), as far as this
+        process knows; each is returned once.
 
-        :param now: ``time.monotonic()``, when to look at the directory.
-            A ``delay/`` that is a symlink or a file is never followed: it
-            holds nothing due.
+        A ``delay/`` that is a symlink or a file is never followed: it holds
+        nothing due.
         """
+        now = time.monotonic()
         if now >= self._next_look:
             self._refresh(now)
         entries = self._entries
+        if not entries:  # the common case: no clock read, nothing to do
+            return []
+        now_us = time.time_ns() // 1000
         found = []
         while entries and int(entries[-1][:_DIGITS]) <= now_us:
             found.append(entries.pop())
         return found
-
-    def next_due_us(self) -> int | None:
-        """When the earliest entry known is due, or None."""
-        return int(self._entries[-1][:_DIGITS]) if self._entries else None
 
     def forget(self) -> None:
         """List the directory at the next look (it changed: the store was

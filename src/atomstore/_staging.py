@@ -130,11 +130,6 @@ class Temp:
         if path is not None:
             _live.pop(path, None)
 
-    def hand_over(self) -> None:
-        """The file is someone else's to publish or remove now (a batch's):
-        forget it here, and keep it held."""
-        self.path = self.fd = self.raw = None
-
     def close(self) -> None:
         """Close the descriptor, once (and the raw file object over it first)."""
         try:

@@ -723,7 +723,7 @@ class FileStore(Areas):
     def _promote_due(self) -> None:
         """Move the delayed messages that are due into ``new/``, claimable
         first (they are the oldest of all)."""
-        due = self._due.due(time.monotonic(), time.time_ns() // 1000)
+        due = self._due.due()
         if not due:
             return
         new_dir, delay_dir = self._checked("new"), self._checked("delay")
