@@ -29,6 +29,16 @@ import tempfile
 import time
 
 
+def installed_command() -> list[str]:
+    """The ``atomstore`` command as installed, its modules compiled to
+    bytecode as ``pip install`` leaves them."""
+    import atomstore
+
+    compileall.compile_dir(os.path.dirname(atomstore.__file__), quiet=1)
+    script = os.path.join(os.path.dirname(sys.executable), "atomstore")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "atomstore"]
+
+
 def timed(argv: list[str]) -> float:
     started = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
@@ -46,11 +56,7 @@ def main() -> None:
         payload = os.path.join(work, "payload")
         with open(payload, "wb") as f:
             f.write(b"x" * 1024)
-        import atomstore
-
-        compileall.compile_dir(os.path.dirname(atomstore.__file__), quiet=1)
-        script = os.path.join(os.path.dirname(sys.executable), "atomstore")
-        cmd = [script] if os.path.exists(script) else [sys.executable, "-m", "atomstore"]
+        cmd = installed_command()
         subprocess.run([*cmd, "init", store], check=True)
         for _ in range(options.rounds + 1):  # take always finds a message
             subprocess.run(

@@ -31,6 +31,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import handwritten as hw  # noqa: E402
+from bench_cli import installed_command, timed  # noqa: E402
 
 from atomstore import FileStore  # noqa: E402
 
@@ -76,12 +77,6 @@ def probe(path: str, mode: str) -> tuple[float, float]:
     return float(out[0]), float(out[1])
 
 
-def timed(argv: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--waiting", type=int, default=1_000_000)
@@ -90,8 +85,7 @@ def main() -> None:
     parser.add_argument("--tmpfs", default="/dev/shm")
     options = parser.parse_args()
     work = tempfile.mkdtemp(prefix="atomstore-bench-million-", dir=options.tmpfs)
-    script = os.path.join(os.path.dirname(sys.executable), "atomstore")
-    command = [script] if os.path.exists(script) else [sys.executable, "-m", "atomstore"]
+    command = installed_command()
     try:
         big = FileStore(os.path.join(work, "big"), durable=False)
         small = FileStore(os.path.join(work, "small"), durable=False)

@@ -48,9 +48,9 @@ def write_all(fd: int, data: bytes) -> None:
         written += os.write(fd, data[written:])
 
 
-def write_file(temp: str, dest: str, data: bytes, durable: bool) -> None:
+def write_file(temp: str, dest: str, data: bytes, durable: bool, mode: int = 0o666) -> None:
     """Replace ``dest``: O_EXCL temp, write, [fsync], close, rename, [fsync dir]."""
-    fd = os.open(temp, FILE_FLAGS, 0o666)
+    fd = os.open(temp, FILE_FLAGS, mode)
     write_all(fd, data)
     if durable:
         os.fsync(fd)
@@ -92,14 +92,7 @@ def write_file_keeping_mode(temp: str, dest: str, data: bytes, durable: bool) ->
         mode = stat.S_IMODE(os.lstat(dest).st_mode)
     except FileNotFoundError:  # the first write
         mode = 0o666
-    fd = os.open(temp, FILE_FLAGS, mode)
-    write_all(fd, data)
-    if durable:
-        os.fsync(fd)
-    os.close(fd)
-    os.rename(temp, dest)
-    if durable:
-        sync_dir(os.path.dirname(dest))
+    write_file(temp, dest, data, durable, mode)
 
 
 def write_file_object(temp: str, dest: str, data: bytes, flags: int) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Callable
 
@@ -8,6 +9,7 @@ import pytest
 
 from atomstore import _rename, _syscalls
 from atomstore._rename import Capabilities
+from clocks import Clock
 from tracing import Recorder
 
 
@@ -20,6 +22,15 @@ def trace() -> Iterator[Recorder]:
         yield recorder
     finally:
         _syscalls.set_tracer(previous)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Time stands still until the test moves it (see :mod:`clocks`)."""
+    fake = Clock()
+    monkeypatch.setattr(time, "time_ns", fake.time_ns)
+    monkeypatch.setattr(time, "monotonic", fake.monotonic)
+    return fake
 
 
 @pytest.fixture

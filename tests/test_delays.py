@@ -17,36 +17,10 @@ import pytest
 
 from atomstore import FileStore
 from atomstore._delays import backoff
+from clocks import Clock
 from fstree import store_entries
 
 COMMAND = [sys.executable, "-m", "atomstore"]
-SECOND = 1_000_000_000
-
-
-class Clock:
-    """Wall and monotonic clocks that move only when told to."""
-
-    def __init__(self) -> None:
-        self.wall_ns = time.time_ns()
-        self.mono = time.monotonic()
-
-    def time_ns(self) -> int:
-        return self.wall_ns
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, seconds: float) -> None:
-        self.wall_ns += int(seconds * SECOND)
-        self.mono += seconds
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(time, "time_ns", fake.time_ns)
-    monkeypatch.setattr(time, "monotonic", fake.monotonic)
-    return fake
 
 
 @pytest.fixture

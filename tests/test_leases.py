@@ -1,8 +1,8 @@
 """Leases: renewing a claim, keeping it alive, and recovery honouring both.
 
-The clock is controlled where a test is about ages: ``clock`` replaces
-``time.time_ns``, which the claim's name, the renewal and ``recover()`` all
-read.
+The clock is controlled where a test is about ages (``clock``, see
+:mod:`clocks`): the claim's name, the renewal and ``recover()`` all read
+``time.time_ns``.
 """
 
 from __future__ import annotations
@@ -18,31 +18,11 @@ from pathlib import Path
 import pytest
 
 from atomstore import ClaimLostError, FileStore, KeepAlive
+from clocks import SECOND, Clock
 from fstree import store_entries
 from tracing import Recorder
 
 COMMAND = [sys.executable, "-m", "atomstore"]
-SECOND = 1_000_000_000
-
-
-class Clock:
-    """A wall clock that moves only when told to."""
-
-    def __init__(self, start: float) -> None:
-        self.now_ns = int(start * SECOND)
-
-    def time_ns(self) -> int:
-        return self.now_ns
-
-    def advance(self, seconds: float) -> None:
-        self.now_ns += int(seconds * SECOND)
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock(time.time())
-    monkeypatch.setattr(time, "time_ns", fake.time_ns)
-    return fake
 
 
 @pytest.fixture
@@ -58,7 +38,7 @@ def test_a_renewed_claim_counts_its_age_from_the_renewal(store: FileStore, clock
     assert claim is not None
     clock.advance(50)
     claim.renew()
-    assert claim.renewed_at == clock.now_ns / SECOND
+    assert claim.renewed_at == clock.wall_ns / SECOND
     clock.advance(30)  # 80 s after the claim, 30 s after the renewal
     assert store.recover(60) == []
     assert os.path.exists(claim.path)

@@ -29,6 +29,16 @@ def mode(path: str | Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
+def run_script(script: str, store: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a process of its own (resource limits stay there),
+    the store's path as its argument; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(store)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -185,13 +195,7 @@ def test_a_process_short_of_descriptors_still_delivers_a_batch(tmp_path: Path) -
         print(len(os.listdir(os.path.join(sys.argv[1], "tmp"))))
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "s")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_script(script, tmp_path / "s")
     assert proc.stdout == "0\n"  # delivered through tmp/, nothing left there
 
 
@@ -215,13 +219,7 @@ def test_several_batches_at_once_fit_the_usual_descriptor_limit(tmp_path: Path) 
         print(held < 1024, len(os.listdir("/proc/self/fd")) < 16, os.listdir(sys.argv[1] + "/tmp"))
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "s")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_script(script, tmp_path / "s")
     assert proc.stdout == "True True []\n"
 
 
@@ -300,13 +298,7 @@ def test_errno_of_a_full_descriptor_table_is_not_hidden_from_add(tmp_path: Path)
             print(errno.errorcode[e.errno])
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "s")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_script(script, tmp_path / "s")
     assert proc.stdout == "EMFILE\n"
     assert os.listdir(tmp_path / "s" / "tmp") == os.listdir(tmp_path / "s" / "new") == []
 
@@ -377,13 +369,7 @@ def test_a_stream_that_runs_out_of_descriptors_is_not_read_twice(tmp_path: Path)
             print("delivered", [open(p, "rb").read() for p in store.list("new")])
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "s")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_script(script, tmp_path / "s")
     assert proc.stdout.startswith("raised 24"), proc.stdout
 
 
