@@ -316,7 +316,7 @@ class Replay:
         elif name == "mkdir":
             parent, new = self._locate(args[0], None)
             self._change(seq, parent, (new, self._new(True)))
-        elif name not in ("fchmod", "fchown", "chmod"):  # modes and owners: not modelled
+        elif name not in ("fchmod", "fchown", "chmod", "fsetxattr"):  # metadata: not modelled
             raise ModelError(f"no model for {name}{args}")
 
     def _open(self, seq: int, path: str, flags: int, dir_fd: int | None, fd: int) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from atomstore import FileStore, _names, _syscalls, atomic
+from atomstore import FileStore, _names, _shrink, _syscalls, atomic
 from atomstore._info import split_info
 from atomstore._rename import Capabilities
 from crash_model import Check, Context, Crash, State, Step, Workload
@@ -190,6 +190,17 @@ def claim(label: str) -> Step:
     return Step(label, action, "claim")
 
 
+def shrink() -> Step:
+    """The swap of new/ for a fresh directory, with messages still in the old
+    one (they raced in after a consumer found it empty)."""
+
+    def action(ctx: Context) -> bool:
+        store = ctx.store
+        return _shrink.shrink(store.path, os.path.join(store.path, "new"), store.durable)
+
+    return Step("shrink", action, "shrink")
+
+
 def finish(ref: str) -> Step:
     return Step(f"finish({ref})", lambda ctx: ctx.claims[ref].finish(), "finish", ref=ref)
 
@@ -343,6 +354,22 @@ def absent_once_returned(path: str) -> Check:
 
 
 _MESSAGE_AREAS = ("store/new/", "store/cur/", "store/dead/")
+# An old new/ being emptied after a shrink: what it holds counts as in new/.
+_SHRUNK = f"store/{_shrink.SHRINK_NAME}/"
+
+
+def _as_in_new(state: State) -> State:
+    return {
+        f"store/new/{p[len(_SHRUNK) :]}" if p.startswith(_SHRUNK) else p: d
+        for p, d in state.items()
+    }
+
+
+def shrink_finished(crash: Crash) -> Iterator[str]:
+    """The clean-up removes an old new/ that a crash left."""
+    left = f"store/{_shrink.SHRINK_NAME}"
+    if left in crash.cleaned:
+        yield f"the clean-up left {left}: {show(view(crash.cleaned, left))}"
 
 
 def store_invariants(crash: Crash) -> Iterator[str]:
@@ -382,8 +409,9 @@ def store_invariants(crash: Crash) -> Iterator[str]:
                 where[split_info(os.path.basename(path))[0]] = "/".join(path.split("/")[-2:])
     running = crash.in_flight
     adding = set(running.payload) if running is not None and running.kind == "add" else set()
+    state, cleaned = _as_in_new(crash.state), _as_in_new(crash.cleaned)
     found: dict[str, list[str]] = {}
-    for path, data in sorted(crash.state.items()):
+    for path, data in sorted(state.items()):
         if not path.startswith(_MESSAGE_AREAS) or data is None:
             continue
         area_name = path[len("store/") :]
@@ -416,8 +444,8 @@ def store_invariants(crash: Crash) -> Iterator[str]:
         elif allowed and not seen and not may_vanish:
             yield f"message {message} is lost: expected at {sorted(allowed)}"
     for area in _MESSAGE_AREAS:
-        kept = {p: d for p, d in crash.state.items() if p.startswith(area) and p[len(area)] != "."}
-        now = {p: d for p, d in crash.cleaned.items() if p.startswith(area)}
+        kept = {p: d for p, d in state.items() if p.startswith(area) and p[len(area)] != "."}
+        now = {p: d for p, d in cleaned.items() if p.startswith(area)}
         if kept != now:
             yield f"the clean-up changed {area}: {sorted(kept)} -> {sorted(now)}"
 
@@ -575,6 +603,13 @@ WORKLOADS: tuple[Workload, ...] = (
         max_attempts=1,
     ),
     _store("store: recover 2 claims", store(b"one", b"two", claimed=2), recover()),
+    Workload(
+        "store: shrink new/ holding messages, add, claim, finish",
+        store(b"one", b"two", b"three", claimed=1),
+        (shrink(), add(b"four"), claim("c"), finish("c")),
+        (store_invariants, no_leftovers, shrink_finished),
+        clean_store,
+    ),
     Workload(
         "store: clean after a crash",
         store(b"kept", other={"tmp/partial": b"half a mess", f"new/{STALE}": b"x"}),

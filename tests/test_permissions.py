@@ -18,6 +18,7 @@ from typing import Callable
 
 import pytest
 
+from acls import default_acl
 from atomstore import FileStore, atomic
 from tracing import Recorder
 
@@ -326,25 +327,13 @@ def _replace_as_an_unprivileged_owner(tmp_path: Path, how: str) -> None:
     assert mode(target) == 0o6755
 
 
-def _default_acl(user: int, group: int, other: int) -> bytes:
-    """A default ACL in the kernel's xattr format (version 2, then entries of
-    tag, permissions and id): ``user::``, ``group::`` and ``other::``."""
-    undefined = 0xFFFFFFFF
-    entries = [(0x01, user), (0x04, group), (0x20, other)]
-    body = b"".join(
-        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + undefined.to_bytes(4, "little")
-        for tag, perm in entries
-    )
-    return (2).to_bytes(4, "little") + body
-
-
 def test_a_default_acl_of_the_directory_is_not_taken_for_the_umask(
     tmp_path: Path, umask: Callable[[int], None], trace: Recorder
 ) -> None:
     directory = tmp_path / "acl"
     directory.mkdir()
     try:
-        os.setxattr(directory, "system.posix_acl_default", _default_acl(6, 0, 0))
+        os.setxattr(directory, "system.posix_acl_default", default_acl(6, 0, 0))
     except OSError as e:
         pytest.skip(f"no POSIX ACLs on {tmp_path}: {e}")
     path = directory / "f"

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from acls import default_acl
 from atomstore import FileStore, _staging, _syscalls, atomic
 from atomstore._args import seconds
 from fstree import store_entries
@@ -50,16 +51,6 @@ def umask022() -> object:
     os.umask(saved)
 
 
-def _default_acl(user: int, group: int, other: int) -> bytes:
-    """``d:u::<user>,d:g::<group>,d:o::<other>`` in the kernel's xattr format."""
-    entries = [(0x01, user), (0x04, group), (0x20, other)]
-    body = b"".join(
-        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + (0xFFFFFFFF).to_bytes(4, "little")
-        for tag, perm in entries
-    )
-    return (2).to_bytes(4, "little") + body
-
-
 # -- modes and groups of replaced files ------------------------------------------
 
 
@@ -73,7 +64,7 @@ def test_a_default_acl_added_after_a_replace_is_still_seen(
     path.chmod(0o644)
     atomic.write_bytes(path, b"2", overwrite=True)
     try:
-        os.setxattr(directory, "system.posix_acl_default", _default_acl(7, 5, 0))
+        os.setxattr(directory, "system.posix_acl_default", default_acl(7, 5, 0))
     except OSError as e:
         pytest.skip(f"no POSIX ACLs on {tmp_path}: {e}")
     atomic.write_bytes(path, b"3", overwrite=True)

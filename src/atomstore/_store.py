@@ -14,7 +14,19 @@ import os
 import stat
 import time
 
-from . import _delays, _fileobj, _info, _names, _rename, _staging, _syscalls, _tree, _watch, atomic
+from . import (
+    _delays,
+    _fileobj,
+    _info,
+    _names,
+    _rename,
+    _shrink,
+    _staging,
+    _syscalls,
+    _tree,
+    _watch,
+    atomic,
+)
 from ._areas import (
     AREAS,
     LATE,
@@ -56,6 +68,11 @@ _BACKLOG_MAX = 100_000
 # What _take() returns for a message another consumer claimed first.
 _LOST: Claim = object()  # type: ignore[assignment]
 _DEFAULT_POLL = 0.5
+# An emptied new/ is swapped for a fresh one (_shrink) when it holds no
+# more than this many entries that cannot be claimed (hidden, foreign),
+# by each consumer no more often than this many seconds.
+_SHRINK_AMONG = 16
+_SHRINK_EVERY = 10.0
 
 
 class FileStore(Areas):
@@ -135,6 +152,8 @@ class FileStore(Areas):
         # Names of new/ that cannot be claimed here (too long for a claim on
         # this filesystem): passed over, so the messages behind them flow.
         self._unclaimable: set[str] = set()
+        # When an emptied new/ may be swapped for a fresh one next (monotonic).
+        self._next_shrink = 0.0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
@@ -599,17 +618,20 @@ class FileStore(Areas):
             if claim is not None and claim is not _LOST:
                 return claim
         skip = self._unclaimable
+        _shrink.finish(self.path, new_dir, self.durable)
+        seen = 0
         with os.scandir(new_dir) as entries:
             while True:
                 names = []
                 for entry in entries:
+                    seen += 1
                     name = entry.name
                     if name[0] != "." and entry.is_file(follow_symlinks=False) and name not in skip:
                         names.append(name)
                         if len(names) == _ANY_AMONG:
                             break
                 if not names:
-                    return None  # the whole directory read: nothing to claim
+                    break  # the whole directory read: nothing to claim
                 # Consumers that all read the same first names start at
                 # different ones; names that cannot be claimed here send
                 # this one on to the next few.
@@ -618,6 +640,9 @@ class FileStore(Areas):
                     claim = self._take(name, new_dir, cur_dir)
                     if claim is not None and claim is not _LOST:
                         return claim
+        if seen <= _SHRINK_AMONG:
+            self._shrink_new(new_dir)
+        return None
 
     def _take(self, name: str, new_dir: str, cur_dir: str) -> Claim | None:
         """Claim the message ``name`` of ``new/``.
@@ -677,13 +702,15 @@ class FileStore(Areas):
         it cannot claim.
         """
         new_dir = self._dirs["new"]
+        _shrink.finish(self.path, new_dir, self.durable)
         skip = self._unclaimable
         names: builtins.list[str] = []
         # Once more than _BACKLOG_MAX were found, only names older than the
         # youngest kept can be kept: the rest are passed over at once.
         youngest = None
+        seen = 0
         with os.scandir(new_dir) as entries:
-            for entry in entries:
+            for seen, entry in enumerate(entries, 1):  # noqa: B007 - counted
                 name = entry.name
                 if (
                     name[0] == "."
@@ -697,10 +724,22 @@ class FileStore(Areas):
                     names.sort()
                     del names[_BACKLOG_MAX:]
                     youngest = names[-1]
+        if not names and seen <= _SHRINK_AMONG:
+            self._shrink_new(new_dir)
         names.sort(reverse=True)
         if len(names) > _BACKLOG_MAX:
             del names[: len(names) - _BACKLOG_MAX]  # the youngest, at the front
         return names
+
+    def _shrink_new(self, new_dir: str) -> None:
+        """Swap an emptied ``new/`` for a fresh one where the filesystem
+        never shrinks a directory (ext4): see :mod:`._shrink`."""
+        now = time.monotonic()
+        if now < self._next_shrink:
+            return
+        if _shrink.worth_it(new_dir, self._capabilities()):
+            self._next_shrink = now + _SHRINK_EVERY
+            _shrink.shrink(self.path, new_dir, self.durable)
 
     def claimed(self, name: str) -> Claim:
         """The :class:`Claim` for a claimed file in ``cur/``, by name or path.
@@ -836,8 +875,11 @@ class FileStore(Areas):
             the maildir specification advises.
         :returns: the paths removed.
         """
-        limit = time.time() - seconds(older_than)
+        age = seconds(older_than)
+        limit = time.time() - age
         removed = _remove_stale(self._checked("tmp"), limit, lambda name: True)
+        # An old new/ a consumer swapped out and was stopped before removing.
+        _shrink.finish(self.path, self._checked("new"), self.durable, grace=min(age, _shrink.GRACE))
         for area in ("new", "cur", "dead"):
             if area == "dead" and not os.path.lexists(self._dirs["dead"]):
                 continue

@@ -71,6 +71,11 @@ def _link_fd(fd: int, dst: str) -> None:
     os.link(f"/proc/self/fd/{fd}", dst, src_dir_fd=fd, follow_symlinks=True)
 
 
+def _fsetxattr(fd: int, name: str, value: bytes) -> None:
+    """Set the extended attribute ``name`` of the open file ``fd``."""
+    os.setxattr(fd, name, value)  # Linux only: os has no setxattr elsewhere
+
+
 # The calls, by the names tracers see.  ``open`` is used to create or write a
 # file, and to open a directory to sync (so that a tracer can tell which path
 # a descriptor and a ``dir_fd`` stand for); ``write`` writes once, and the
@@ -83,6 +88,7 @@ _CALLS: dict[str, Callable[..., Any]] = {
     "close": os.close,
     "fchmod": os.fchmod,
     "fchown": os.fchown,
+    "fsetxattr": _fsetxattr,
     "rename": os.rename,
     "renameat2": _renameat2.renameat2,
     "link": os.link,
@@ -100,6 +106,7 @@ fsync: Callable[[int], None] = _fsync
 close: Callable[[int], None] = os.close
 fchmod: Callable[[int, int], None] = os.fchmod
 fchown: Callable[[int, int, int], None] = os.fchown
+fsetxattr: Callable[[int, str, bytes], None] = _fsetxattr
 rename: Callable[[str, str], None] = os.rename
 renameat2: Callable[[str, str, int], None] = _renameat2.renameat2
 link: Callable[[str, str], None] = os.link

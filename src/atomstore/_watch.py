@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 # <sys/inotify.h>
 _IN_CREATE = 0x100
 _IN_MOVED_TO = 0x80
+# The watched directory itself renamed (exchanged for a fresh one) or removed.
+_IN_MOVE_SELF = 0x800
+_IN_DELETE_SELF = 0x400
+_MASK = _IN_CREATE | _IN_MOVED_TO | _IN_MOVE_SELF | _IN_DELETE_SELF
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 
@@ -123,9 +127,11 @@ _LONGEST_WAIT = 86400.0
 class Waiter:
     """Wakes when names appear in ``directory``, a poll is due, or on stop.
 
-    The path is looked at again every ``default_poll`` seconds at the most:
-    when it names another directory (the store was moved aside and made
-    anew, or swapped), the waiter watches that one from then on.
+    The path is looked at again every ``default_poll`` seconds at the most,
+    and at once when inotify reports the watched directory renamed or
+    removed: when it names another directory (the store was moved aside
+    and made anew, or an emptied ``new/`` swapped for a fresh one), the
+    waiter watches that one from then on.
 
     :param poll_interval: seconds between polls where inotify cannot see
         every change (None: only where needed, at ``default_poll``).
@@ -166,7 +172,7 @@ class Waiter:
         fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             return
-        wd = libc.inotify_add_watch(fd, os.fsencode(self._directory), _IN_CREATE | _IN_MOVED_TO)
+        wd = libc.inotify_add_watch(fd, os.fsencode(self._directory), _MASK)
         if wd < 0:
             import ctypes  # loaded with the library already
 
