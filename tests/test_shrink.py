@@ -41,6 +41,8 @@ def eager(monkeypatch: pytest.MonkeyPatch) -> None:
     as soon as it has not changed for 50 ms."""
     monkeypatch.setattr(_shrink, "SHRINK_FROM", 0)
     monkeypatch.setattr(_store, "_SHRINK_EVERY", 0.0)
+    monkeypatch.setattr(_store, "_SHRINK_LOOK_EVERY", 0.0)
+    monkeypatch.setattr(_store, "_LEFTOVER_LOOK_EVERY", 0.0)
     monkeypatch.setattr(_shrink, "GRACE", 0.05)
 
 
@@ -133,6 +135,7 @@ def test_a_consumer_swaps_at_most_every_few_seconds(
 ) -> None:
     monkeypatch.setattr(_shrink, "SHRINK_FROM", 0)
     monkeypatch.setattr(_shrink, "GRACE", 0.0)  # the old new/ goes at the next look
+    monkeypatch.setattr(_store, "_LEFTOVER_LOOK_EVERY", 0.0)
     store = prepared(tmp_path)
     first = identity(tmp_path / "new")
     assert store.claim() is None
@@ -143,6 +146,29 @@ def test_a_consumer_swaps_at_most_every_few_seconds(
     monkeypatch.setattr(store, "_next_shrink", time.monotonic() - 1)
     assert store.claim() is None
     assert identity(tmp_path / "new") != second
+
+
+def test_an_idle_look_pays_a_clock_read_for_the_swap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer polling an empty store looks at new/'s size at most every
+    second, and for an old new/ at most every half second."""
+    store = prepared(tmp_path)
+    calls: Counter[str] = Counter()
+
+    def counting(name: str, result: bool) -> object:
+        def call(*args: object, **kwargs: object) -> bool:
+            calls[name] += 1
+            return result
+
+        return call
+
+    monkeypatch.setattr(_shrink, "worth_it", counting("size", False))
+    monkeypatch.setattr(_shrink, "finish", counting("leftover", False))
+    for _ in range(200):
+        assert store.claim() is None
+        assert store.claim(oldest=False) is None
+    assert calls == {"size": 1, "leftover": 1}
 
 
 @pytest.mark.parametrize("caps_name", ["links", "nolinks", "dropped", "unprobed"])
@@ -397,7 +423,7 @@ def _swap_forever(path: str, caps: Capabilities, done: Path, out: Path) -> None:
     _child_store(path, caps)
     while not done.exists():
         _shrink.finish(path, f"{path}/new", durable=False)  # frees the hidden name
-        if _shrink.worth_it(f"{path}/new", caps):
+        if _shrink.worth_it(f"{path}/new", lambda: caps):
             _shrink.shrink(path, f"{path}/new", durable=False)
         time.sleep(0.002)
     out.write_text(json.dumps({"swaps": swaps[0]}))

@@ -39,6 +39,8 @@ from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
+    from typing import Callable
+
     from ._rename import Capabilities
 
 # The old new/ while it is emptied: hidden, beside the areas.
@@ -55,16 +57,17 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLL
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
 
 
-def worth_it(new_dir: str, caps: Capabilities) -> bool:
+def worth_it(new_dir: str, capabilities: Callable[[], Capabilities]) -> bool:
     """Whether the emptied ``new_dir`` is large enough, and this process may
-    swap it."""
-    if not caps.exchange or not caps.probed:
-        return False
+    swap it (``capabilities`` asked only then)."""
     try:
         st = os.lstat(new_dir)
     except OSError:
         return False
-    return st.st_size >= SHRINK_FROM and st.st_uid == os.geteuid()
+    if st.st_size < SHRINK_FROM or st.st_uid != os.geteuid():
+        return False
+    caps = capabilities()
+    return caps.exchange and caps.probed
 
 
 def shrink(root: str, new_dir: str, durable: bool) -> bool:
@@ -91,25 +94,25 @@ def shrink(root: str, new_dir: str, durable: bool) -> bool:
     return True
 
 
-def finish(root: str, new_dir: str, durable: bool, grace: float | None = None) -> int:
+def finish(root: str, new_dir: str, durable: bool, grace: float | None = None) -> bool:
     """Move back into ``new_dir`` what an old ``new/`` still holds, and
     remove it; only once it has not changed for ``grace`` seconds
     (:data:`GRACE` by default).
 
-    :returns: the number of entries moved back.
+    :returns: whether an old ``new/`` is still there (being swapped, or
+        not empty yet).
     """
     hidden = f"{root}/{SHRINK_NAME}"
     try:
         st = os.lstat(hidden)
     except OSError:
-        return 0
+        return False
     if not stat.S_ISDIR(st.st_mode):
-        return 0  # not one of ours: never followed, never removed
+        return False  # not one of ours: never followed, never removed
     if st.st_ctime > time.time() - (GRACE if grace is None else grace):
-        return 0  # being swapped right now: its consumer moves it back
-    moved = _move_back(hidden, new_dir, durable)
-    _remove_if_empty(hidden)
-    return moved
+        return True  # being swapped right now: its consumer moves it back
+    _move_back(hidden, new_dir, durable)
+    return not _remove_if_empty(hidden)
 
 
 def _copy_metadata(new_dir: str, hidden: str, old: os.stat_result) -> None:
@@ -223,8 +226,12 @@ def _same_message(a: str, b: str) -> bool:
         os.close(fa)
 
 
-def _remove_if_empty(hidden: str) -> None:
+def _remove_if_empty(hidden: str) -> bool:
+    """Remove ``hidden`` if it is empty; return whether it is gone."""
     try:
         _syscalls.rmdir(hidden)
+    except FileNotFoundError:
+        return True  # removed by another consumer
     except OSError:
-        pass  # not empty (finished at a later listing) or gone already
+        return False  # not empty: finished at a later listing
+    return True

@@ -69,10 +69,15 @@ _BACKLOG_MAX = 100_000
 _LOST: Claim = object()  # type: ignore[assignment]
 _DEFAULT_POLL = 0.5
 # An emptied new/ is swapped for a fresh one (_shrink) when it holds no
-# more than this many entries that cannot be claimed (hidden, foreign),
-# by each consumer no more often than this many seconds.
+# more than this many entries that cannot be claimed (hidden, foreign); a
+# consumer swaps at most every _SHRINK_EVERY seconds, looks at the size of
+# an emptied new/ at most every _SHRINK_LOOK_EVERY, and for an old new/
+# another consumer left at most every _LEFTOVER_LOOK_EVERY: an idle look
+# pays a clock read for them.
 _SHRINK_AMONG = 16
 _SHRINK_EVERY = 10.0
+_SHRINK_LOOK_EVERY = 1.0
+_LEFTOVER_LOOK_EVERY = 0.5
 
 
 class FileStore(Areas):
@@ -152,8 +157,9 @@ class FileStore(Areas):
         # Names of new/ that cannot be claimed here (too long for a claim on
         # this filesystem): passed over, so the messages behind them flow.
         self._unclaimable: set[str] = set()
-        # When an emptied new/ may be swapped for a fresh one next (monotonic).
-        self._next_shrink = 0.0
+        # When an emptied new/ may be looked at for a swap next, and when an
+        # old new/ another consumer swapped out may be looked for (monotonic).
+        self._next_shrink = self._next_leftover_look = 0.0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
@@ -618,7 +624,9 @@ class FileStore(Areas):
             if claim is not None and claim is not _LOST:
                 return claim
         skip = self._unclaimable
-        _shrink.finish(self.path, new_dir, self.durable)
+        now = time.monotonic()
+        if now >= self._next_leftover_look:
+            self._finish_shrink(new_dir, now)
         seen = 0
         with os.scandir(new_dir) as entries:
             while True:
@@ -640,8 +648,8 @@ class FileStore(Areas):
                     claim = self._take(name, new_dir, cur_dir)
                     if claim is not None and claim is not _LOST:
                         return claim
-        if seen <= _SHRINK_AMONG:
-            self._shrink_new(new_dir)
+        if seen <= _SHRINK_AMONG and now >= self._next_shrink:
+            self._shrink_new(new_dir, now)
         return None
 
     def _take(self, name: str, new_dir: str, cur_dir: str) -> Claim | None:
@@ -702,7 +710,9 @@ class FileStore(Areas):
         it cannot claim.
         """
         new_dir = self._dirs["new"]
-        _shrink.finish(self.path, new_dir, self.durable)
+        now = time.monotonic()
+        if now >= self._next_leftover_look:
+            self._finish_shrink(new_dir, now)
         skip = self._unclaimable
         names: builtins.list[str] = []
         # Once more than _BACKLOG_MAX were found, only names older than the
@@ -724,22 +734,27 @@ class FileStore(Areas):
                     names.sort()
                     del names[_BACKLOG_MAX:]
                     youngest = names[-1]
-        if not names and seen <= _SHRINK_AMONG:
-            self._shrink_new(new_dir)
+        if not names and seen <= _SHRINK_AMONG and now >= self._next_shrink:
+            self._shrink_new(new_dir, now)
         names.sort(reverse=True)
         if len(names) > _BACKLOG_MAX:
             del names[: len(names) - _BACKLOG_MAX]  # the youngest, at the front
         return names
 
-    def _shrink_new(self, new_dir: str) -> None:
+    def _shrink_new(self, new_dir: str, now: float) -> None:
         """Swap an emptied ``new/`` for a fresh one where the filesystem
         never shrinks a directory (ext4): see :mod:`._shrink`."""
-        now = time.monotonic()
-        if now < self._next_shrink:
-            return
-        if _shrink.worth_it(new_dir, self._capabilities()):
+        if _shrink.worth_it(new_dir, self._capabilities):
             self._next_shrink = now + _SHRINK_EVERY
             _shrink.shrink(self.path, new_dir, self.durable)
+        else:
+            self._next_shrink = now + _SHRINK_LOOK_EVERY
+
+    def _finish_shrink(self, new_dir: str, now: float) -> None:
+        """Finish the swap of an emptied ``new/`` that another consumer left
+        (see :mod:`._shrink`)."""
+        _shrink.finish(self.path, new_dir, self.durable)
+        self._next_leftover_look = now + _LEFTOVER_LOOK_EVERY
 
     def claimed(self, name: str) -> Claim:
         """The :class:`Claim` for a claimed file in ``cur/``, by name or path.
