@@ -409,6 +409,7 @@ _HEAVY_MODULES = (
     "datetime",
     "hashlib",
     "json",
+    "logging",
     "pathlib",
     "random",
     "shutil",

@@ -17,7 +17,7 @@ import os
 import stat
 import time
 
-from . import _delays, _info, _rename, _staging, _syscalls, _tree
+from . import _delays, _info, _log, _rename, _staging, _syscalls, _tree
 from ._args import seconds
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
@@ -217,6 +217,8 @@ class Areas:
         if self.durable:
             _tree.sync_dir(self._dirs[area])
             _tree.sync_dir(os.path.dirname(source))
+        if area == "dead":
+            _log.info("%s: %d attempts spent, a dead letter now", target, attempts)
         return target
 
     def _make_late(self, area: str) -> str:

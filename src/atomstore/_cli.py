@@ -486,6 +486,30 @@ class _Formatter(argparse.HelpFormatter):
         super().__init__(prog, width=max(columns - 2, 20))
 
 
+def verbose_option(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
+        help="log what atomstore does on standard error (fallbacks, recoveries, "
+        "removals); twice for more",
+    )
+
+
+def _show_log(verbosity: int) -> None:
+    """Send the ``atomstore`` logger's records to standard error."""
+    if not verbosity:
+        return
+    import logging  # only when asked: its import costs every start-up
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("atomstore: %(message)s"))
+    logger = logging.getLogger("atomstore")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atomstore",
@@ -495,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    verbose_option(parser, 0)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -508,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
             allow_abbrev=False,
             formatter_class=_Formatter,
         )
+        verbose_option(sub, argparse.SUPPRESS)
         if changes:
             sub.add_argument(
                 "--no-sync",
@@ -763,6 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cut = arguments.index("--")
         arguments, command = arguments[:cut], arguments[cut + 1 :]
     args = parser.parse_args(arguments)
+    _show_log(args.verbose)
     if command is not None:
         args.command_line = command
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())

@@ -24,7 +24,7 @@ import os
 import select
 import threading
 
-from . import _names, _renameat2, _syscalls, _tree
+from . import _log, _names, _renameat2, _syscalls, _tree
 from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 # renameat2 flags unsupported: EINVAL (FUSE, NFS, ZFS < 2.2, or a kernel that
@@ -186,9 +186,38 @@ def capabilities(directory: str, device: int | None = None) -> Capabilities:
             if caps is None:
                 probed = _probe(directory)
                 if probed is None:
+                    _log.debug(
+                        "%s: no probe could run (not writable): renameat2 flags tried, "
+                        "falling back on their error",
+                        directory,
+                    )
                     return _ASSUMED if _renameat2.available() else _ASSUMED_WITHOUT_RENAMEAT2
                 caps = _cache[device] = probed
+                if _log.enabled(_log.INFO):
+                    _log.info("%s: %s", directory, describe(caps))
     return caps
+
+
+def describe(caps: Capabilities) -> str:
+    """What ``caps`` make atomstore do, in words (for the log)."""
+    if caps.noreplace and caps.exchange:
+        return "renameat2 flags honoured: no-clobber renames and exchanges are native"
+    if caps.noreplace:
+        return (
+            "no RENAME_EXCHANGE: no-clobber renames are native, a folder is replaced "
+            "by moving the old tree aside"
+        )
+    what = (
+        "accepts renameat2 flags but ignores them, so it never gets any"
+        if caps.ignores_flags
+        else "no renameat2 flags"
+    )
+    how = (
+        "link then unlink"
+        if caps.hardlinks
+        else "a check then a plain rename (a name made meanwhile can be replaced)"
+    )
+    return f"{what}: no-clobber renames by {how}, a folder is replaced by moving the old tree aside"
 
 
 def _write_small(path: str, data: bytes) -> None:

@@ -34,7 +34,7 @@ import os
 import stat
 import time
 
-from . import _syscalls, _tree
+from . import _log, _syscalls, _tree
 from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
@@ -90,7 +90,13 @@ def shrink(root: str, new_dir: str, durable: bool) -> bool:
         return False
     if durable:
         _tree.sync_dir(root)
-    _move_back(hidden, new_dir, durable)
+    moved = _move_back(hidden, new_dir, durable)
+    _log.info(
+        "%s: emptied, %d bytes of directory: swapped for a fresh one (%d entries moved back)",
+        new_dir,
+        old.st_size,
+        moved,
+    )
     return True
 
 
@@ -111,7 +117,9 @@ def finish(root: str, new_dir: str, durable: bool, grace: float | None = None) -
         return False  # not one of ours: never followed, never removed
     if st.st_ctime > time.time() - (GRACE if grace is None else grace):
         return True  # being swapped right now: its consumer moves it back
-    _move_back(hidden, new_dir, durable)
+    moved = _move_back(hidden, new_dir, durable)
+    if moved:
+        _log.info("%s: %d entries moved back from an old new/", new_dir, moved)
     return not _remove_if_empty(hidden)
 
 

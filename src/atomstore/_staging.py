@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 
-from . import _names, _rename, _syscalls, _tree
+from . import _log, _names, _rename, _syscalls, _tree
 from ._rename import Capabilities
 from ._tree import unlink_quietly
 
@@ -219,6 +219,11 @@ def open_anonymous(
             if len(_named_only) >= _NAMED_ONLY_MAX:
                 _named_only.clear()
             _named_only.add(directory)
+            _log.info(
+                "%s: no unnamed files here (%s): new files are staged under names",
+                directory,
+                errno.errorcode.get(e.errno, e.errno),
+            )
             return False
         raise OSError(e.errno, e.strerror, directory) from None
     if perms is not None:

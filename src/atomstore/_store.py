@@ -18,6 +18,7 @@ from . import (
     _delays,
     _fileobj,
     _info,
+    _log,
     _names,
     _rename,
     _shrink,
@@ -852,6 +853,9 @@ class FileStore(Areas):
                 # others are still recovered, and the first error raised.
                 clash = clash or e
                 continue
+            _log.info(
+                "recovered %s, claimed %.1f s ago: now %s", source, (now - claimed) / 1e6, path
+            )
             recovered.append(path)
         if clash is not None:
             raise clash
@@ -904,6 +908,8 @@ class FileStore(Areas):
         if self.durable and removed:
             for directory in sorted({os.path.dirname(p) for p in removed}):
                 _tree.sync_dir(directory)
+        for path in removed:
+            _log.info("clean() removed %s", path)
         return removed
 
 

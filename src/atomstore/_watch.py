@@ -20,6 +20,8 @@ import select
 import sys
 import threading
 
+from . import _log
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from typing import Any
@@ -153,6 +155,13 @@ class Waiter:
             raise
         if poll_interval is None and (self._inotify < 0 or is_remote(directory)):
             poll_interval = default_poll
+            if _log.enabled(_log.INFO):
+                _log.info(
+                    "%s: waiting polls every %s s (%s)",
+                    directory,
+                    poll_interval,
+                    "no inotify" if self._inotify < 0 else "another host's changes go unseen",
+                )
         self.poll_interval = poll_interval
         self._recheck = default_poll if poll_interval is None else poll_interval
 
