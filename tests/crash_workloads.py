@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from atomstore import FileStore, _names, _shrink, _syscalls, atomic
+from atomstore import Area, FileStore, _names, _shrink, _syscalls, atomic
 from atomstore._info import split_info
 from atomstore._rename import Capabilities
 from crash_model import Check, Context, Crash, State, Step, Workload
@@ -222,7 +222,7 @@ def prepare() -> Step:
     return Step("prepare", lambda ctx: ctx.store.prepare(), "prepare")
 
 
-def remove(name: str, area: str) -> Step:
+def remove(name: str, area: Area) -> Step:
     return Step(f"remove({name}, {area})", lambda ctx: ctx.store.remove(name, area), "remove")
 
 
@@ -236,7 +236,7 @@ def create(name: str, data: bytes) -> Step:
     return Step(f"create({name})", action, "create", data)
 
 
-def move(name: str, src: str, dst: str, data: bytes) -> Step:
+def move(name: str, src: Area, dst: Area, data: bytes) -> Step:
     """FileStore.move(): for the checks, a write of ``data`` at the destination."""
 
     def action(ctx: Context) -> None:
@@ -245,7 +245,7 @@ def move(name: str, src: str, dst: str, data: bytes) -> Step:
     return Step(f"move({name}, {src}, {dst})", action, "write", data)
 
 
-def copy(name: str, src: str, dst: str, data: bytes) -> Step:
+def copy(name: str, src: Area, dst: Area, data: bytes) -> Step:
     def action(ctx: Context) -> None:
         ctx.store.copy(name, src, dst)
 

@@ -97,14 +97,14 @@ def test_read_append_and_unknown_modes_refused(tmp_path: Path, mode: str) -> Non
 
 def test_mode_must_be_a_string(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="mode must be a str"):
-        with atomic.file(tmp_path / "x", 1):  # type: ignore[arg-type]
+        with atomic.file(tmp_path / "x", 1):  # type: ignore[call-overload]
             pass  # pragma: no cover
 
 
 @pytest.mark.parametrize("bad", [b"/tmp/x", None, 3])
 def test_path_type_checked(bad: object) -> None:
     with pytest.raises(TypeError, match=r"path must be str or os\.PathLike"):
-        with atomic.file(bad):  # type: ignore[arg-type]
+        with atomic.file(bad):  # type: ignore[call-overload]
             pass  # pragma: no cover
 
 

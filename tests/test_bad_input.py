@@ -335,7 +335,7 @@ def test_names_over_255_bytes_are_named(tmp_path: Path, name: str) -> None:
 def test_bad_perms_are_named(tmp_path: Path, perms: object, error: type[Exception]) -> None:
     dest = tmp_path / "state"
     calls: list[Callable[[], object]] = [
-        lambda: enter(atomic.file(dest, perms=perms)),  # type: ignore[arg-type]
+        lambda: enter(atomic.file(dest, perms=perms)),  # type: ignore[call-overload]
         lambda: atomic.write_bytes(dest, b"x", perms=perms),  # type: ignore[arg-type]
         lambda: atomic.write_text(dest, "x", perms=perms),  # type: ignore[arg-type]
     ]

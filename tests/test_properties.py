@@ -41,7 +41,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from atomstore import Claim, ClaimLostError, FileStore, _rename, _syscalls, atomic
+from atomstore import Area, Claim, ClaimLostError, FileStore, _rename, _syscalls, atomic
 from atomstore._rename import Capabilities
 from tracing import Recorder, named_staging
 
@@ -182,8 +182,8 @@ class PretendedCapabilities:
 # -- the store --------------------------------------------------------------
 
 Areas = dict[str, dict[str, bytes]]
-AREAS = ("tmp", "new", "cur", "dead")
-CLASSIC_AREAS = ("tmp", "new", "cur")
+AREAS: tuple[Area, ...] = ("tmp", "new", "cur", "dead")
+CLASSIC_AREAS: tuple[Area, ...] = ("tmp", "new", "cur")
 MAX_ATTEMPTS = 2
 FIXED_NAMES = ["a", "b", "a:1,A1", "b:1,A2"]
 

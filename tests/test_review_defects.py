@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from alarms import deadline
-from atomstore import ClaimLostError, FileStore, _rename, atomic
+from atomstore import Area, ClaimLostError, FileStore, _rename, atomic
 from atomstore._rename import Capabilities
 from forked import Children, exit_code
 from fstree import listing, store_entries
@@ -274,7 +274,7 @@ def test_3_a_dead_area_that_is_a_symlink_is_never_followed(
 
 @pytest.mark.parametrize("area", ["tmp", "new", "cur"])
 def test_3_no_area_is_followed_for_any_operation(
-    tmp_path: Path, store: FileStore, area: str
+    tmp_path: Path, store: FileStore, area: Area
 ) -> None:
     store.add(b"before")
     claim = store.claim()

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pytest
 
 from alarms import deadline
-from atomstore import Claim, ClaimLostError, FileStore
+from atomstore import Area, Claim, ClaimLostError, FileStore
 from atomstore._info import escape_hostname, join_info, split_info
 from atomstore._rename import Capabilities
 from atomstore._store import MESSAGE_NAME_MAX
@@ -30,7 +30,7 @@ def store(tmp_path: Path) -> FileStore:
     return s
 
 
-def names(store: FileStore, area: str) -> list[str]:
+def names(store: FileStore, area: Area) -> list[str]:
     return [os.path.basename(p) for p in store.list(area)]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from atomstore import Claim, FileStore, Report
+from atomstore import Area, Claim, FileStore, Report
 from fstree import store_entries
 
 COMMAND = [sys.executable, "-m", "atomstore"]
@@ -32,7 +32,7 @@ def store(tmp_path: Path) -> FileStore:
     return spool
 
 
-def contents(store: FileStore, area: str) -> list[bytes]:
+def contents(store: FileStore, area: Area) -> list[bytes]:
     return sorted(Path(p).read_bytes() for p in store.list(area))
 
 

@@ -13,7 +13,14 @@ from ._store import FileStore
 from ._work import Report, Worker
 from .atomic import Capabilities
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from ._args import Area
+else:
+    Area = str  # to type checkers: Literal["tmp", "new", "cur", "dead", "delay"]
+
 __all__ = [
+    "Area",
     "Batch",
     "Capabilities",
     "Claim",

@@ -7,10 +7,21 @@ import os
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import datetime
-    from typing import Union
+    from typing import Literal, Union, overload
 
     StrPath = Union[str, os.PathLike[str]]
     Duration = Union[float, int, datetime.timedelta]
+    Area = Literal["tmp", "new", "cur", "dead", "delay"]
+    TextWriteMode = Literal["w", "wt"]
+    BinaryWriteMode = Literal["wb"]
+    TextReadMode = Literal["r", "rt"]
+    BinaryReadMode = Literal["rb"]
+else:
+
+    def overload(func):
+        """typing.overload, without importing typing at run time: the
+        overloads are for type checkers, the last definition runs."""
+        return func
 
 
 def fspath(path: object, what: str = "path") -> str:

@@ -13,10 +13,12 @@ from ._args import seconds
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
-    from typing import IO, Any, Callable
+    from typing import IO, Any, BinaryIO, Callable, TextIO, overload
 
     from ._areas import Areas
-    from ._args import Duration
+    from ._args import BinaryReadMode, Duration, TextReadMode
+else:
+    from ._args import overload
 
 READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 # Opening a FIFO to read blocks until a writer comes: never wait on one.
@@ -137,8 +139,26 @@ class Claim:
             errno.ENOENT, "claim is no longer held (recovered, finished or released)", self.path
         )
 
-    def open(self, mode: str = "rb", **kwargs: Any) -> IO[Any]:
-        """Open the claimed file for reading; a planted symlink is refused."""
+    @overload
+    def open(self, mode: BinaryReadMode = "rb", *, buffering: int = -1) -> BinaryIO: ...
+
+    @overload
+    def open(
+        self,
+        mode: TextReadMode,
+        *,
+        buffering: int = -1,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> TextIO: ...
+
+    @overload
+    def open(self, mode: str = "rb", **kwargs: Any) -> IO[Any]: ...
+
+    def open(self, mode: str = "rb", **kwargs: Any) -> Any:
+        """Open the claimed file for reading (``'rb'``, ``'r'`` or ``'rt'``,
+        with ``open()``'s keywords); a planted symlink is refused."""
         if mode not in ("r", "rb", "rt"):
             raise ValueError(f"invalid mode {mode!r}: a claim is opened to read")
         self.store._checked("cur")

@@ -48,11 +48,13 @@ from ._rename import Capabilities
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
-    from typing import IO, Any
+    from typing import IO, Any, BinaryIO, TextIO, overload
 
     from ._areas import Data
-    from ._args import Duration, StrPath
+    from ._args import Area, BinaryWriteMode, Duration, StrPath, TextWriteMode
     from ._work import Report, Worker
+else:
+    from ._args import overload
 
 
 __all__ = ["AREAS", "MESSAGE_NAME_MAX", "Claim", "ClaimLostError", "Claims", "FileStore"]
@@ -118,7 +120,7 @@ class FileStore(Areas):
         durable: bool = True,
         mode: int | None = None,
         hostname: str | None = None,
-        poll_interval: float | None = None,
+        poll_interval: Duration | None = None,
         max_attempts: int | None = None,
         retry_delay: Duration | None = None,
         max_retry_delay: Duration = 3600.0,
@@ -218,6 +220,43 @@ class FileStore(Areas):
             for parent in sorted({os.path.dirname(d) for d in created}):
                 _tree.sync_dir(parent)
 
+    @overload
+    def create(
+        self,
+        name: str | None = None,
+        mode: TextWriteMode = "w",
+        *,
+        buffering: int = -1,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> TextIO: ...
+
+    @overload
+    def create(
+        self,
+        name: str | None,
+        mode: BinaryWriteMode,
+        *,
+        buffering: int = -1,
+        encoding: None = None,
+        errors: None = None,
+        newline: None = None,
+    ) -> BinaryIO: ...
+
+    @overload
+    def create(
+        self,
+        name: str | None = None,
+        *,
+        mode: BinaryWriteMode,
+        buffering: int = -1,
+        encoding: None = None,
+        errors: None = None,
+        newline: None = None,
+    ) -> BinaryIO: ...
+
+    @overload
     def create(
         self,
         name: str | None = None,
@@ -227,7 +266,18 @@ class FileStore(Areas):
         encoding: str | None = None,
         errors: str | None = None,
         newline: str | None = None,
-    ) -> IO[Any]:
+    ) -> IO[Any]: ...
+
+    def create(
+        self,
+        name: str | None = None,
+        mode: str = "w",
+        *,
+        buffering: int = -1,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
         """Create a new file in ``tmp/`` and return it open for writing.
 
         The file object's ``name`` is the full path.  An existing file is
@@ -251,7 +301,7 @@ class FileStore(Areas):
             _tree.unlink_quietly(path)  # open_fd closed the descriptor
             raise
 
-    def list(self, area: str) -> builtins.list[str]:
+    def list(self, area: Area) -> builtins.list[str]:
         """The full paths of the files in ``area``, sorted by name.
 
         ``area`` is ``'tmp'``, ``'new'``, ``'cur'``, ``'dead'`` or
@@ -330,7 +380,7 @@ class FileStore(Areas):
                 continue
         return min(times) if times else None
 
-    def move(self, name: str, src: str, dst: str, *, overwrite: bool = False) -> None:
+    def move(self, name: str, src: Area, dst: Area, *, overwrite: bool = False) -> None:
         """Move the file ``name`` from area ``src`` to area ``dst``, atomically.
 
         A file leaving ``tmp/`` is fsynced first (``durable``): its data
@@ -357,7 +407,7 @@ class FileStore(Areas):
             _tree.sync_dir(dst_dir)
             _tree.sync_dir(src_dir)
 
-    def copy(self, name: str, src: str, dst: str, *, overwrite: bool = False) -> None:
+    def copy(self, name: str, src: Area, dst: Area, *, overwrite: bool = False) -> None:
         """Copy the file ``name`` from area ``src`` to area ``dst``.
 
         The copy is written under a hidden name and published complete, with
@@ -389,7 +439,7 @@ class FileStore(Areas):
             staged.discard()
             raise
 
-    def remove(self, name: str, area: str) -> None:
+    def remove(self, name: str, area: Area) -> None:
         """Remove the file ``name`` from ``area``.
 
         :raises FileNotFoundError: there is no such file.
@@ -550,7 +600,7 @@ class FileStore(Areas):
             drain=drain,
         )
 
-    def claims(self, *, timeout: float | None = None) -> Claims:
+    def claims(self, *, timeout: Duration | None = None) -> Claims:
         """An iterator of claims, waiting for each message as it arrives.
 
         Stop it from another thread or a signal handler with

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import builtins
     from typing import Callable, Protocol
 
-    from ._args import Duration
+    from ._args import Area, Duration
     from ._claim import Claim, KeepAlive
 
     class Queue(Protocol):
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
         def recover(self, older_than: Duration) -> builtins.list[str]: ...
 
-        def list(self, area: str) -> builtins.list[str]: ...
+        def list(self, area: Area) -> builtins.list[str]: ...
 
     class Job(Protocol):
         """One claim's work, as the runner sees it."""

@@ -25,10 +25,13 @@ from ._rename import Capabilities
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
     from pathlib import Path
-    from typing import IO, Any
+    from typing import IO, Any, BinaryIO, TextIO, overload
 
-    from ._args import Duration, StrPath
+    from ._args import BinaryWriteMode, Duration, StrPath, TextWriteMode
+else:
+    from ._args import overload
 
 __all__ = [
     "AtomicFile",
@@ -175,6 +178,54 @@ def _no_clobber_caps(directory: str, fd: int, overwrite: bool) -> Capabilities |
     return _rename.capabilities(directory, os.fstat(fd).st_dev)
 
 
+@overload
+def file(
+    path: StrPath,
+    mode: TextWriteMode = "w",
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+    follow_symlinks: bool = True,
+    perms: int | None = None,
+    buffering: int = -1,
+    encoding: str | None = None,
+    errors: str | None = None,
+    newline: str | None = None,
+) -> AbstractContextManager[TextIO]: ...
+
+
+@overload
+def file(
+    path: StrPath,
+    mode: BinaryWriteMode,
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+    follow_symlinks: bool = True,
+    perms: int | None = None,
+    buffering: int = -1,
+    encoding: None = None,
+    errors: None = None,
+    newline: None = None,
+) -> AbstractContextManager[BinaryIO]: ...
+
+
+@overload
+def file(
+    path: StrPath,
+    mode: str,
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+    follow_symlinks: bool = True,
+    perms: int | None = None,
+    buffering: int = -1,
+    encoding: str | None = None,
+    errors: str | None = None,
+    newline: str | None = None,
+) -> AbstractContextManager[IO[Any]]: ...
+
+
 def file(
     path: StrPath,
     mode: str = "w",
@@ -281,7 +332,7 @@ class AtomicFile:
         self._temp: str | None = None  # the hidden name, on the named path
         self._file: IO[Any] | None = None
 
-    def __enter__(self) -> IO[Any]:
+    def __enter__(self) -> Any:  # TextIO or BinaryIO, as file()'s overloads say
         if self._staged is not None:
             raise RuntimeError("atomic.file() can be entered only once")
         staged = self._staged = _staging.GuardedTemp()
