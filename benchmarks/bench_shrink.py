@@ -182,7 +182,8 @@ def main() -> None:
         ratio = medians["idle look, drained store"] / medians["idle look, fresh store"]
         print(f"new/ now: {os.lstat(new).st_size:,} bytes of directory")
         moved_late = len(os.listdir(hidden)) if os.path.isdir(hidden) else 0
-        _shrink.finish(drained.path, new, False, grace=0)
+        _shrink.GRACE = 0.0
+        _shrink.finish(drained.path, new, False)
         # Whatever waits now, consumed here; then every id is accounted for.
         reports = [
             json.loads(pathlib.Path(work, n).read_text())

@@ -49,6 +49,9 @@ MAX_STATES_PER_POINT = 1 << 16
 _TMPFILE = getattr(os, "O_TMPFILE", 0)
 
 
+_METADATA = frozenset({"fchmod", "fchown", "chmod", "fsetxattr", "fremovexattr", "set_inode_flags"})
+
+
 class ModelError(Exception):
     """The recorded calls do something the model does not cover."""
 
@@ -316,7 +319,7 @@ class Replay:
         elif name == "mkdir":
             parent, new = self._locate(args[0], None)
             self._change(seq, parent, (new, self._new(True)))
-        elif name not in ("fchmod", "fchown", "chmod", "fsetxattr"):  # metadata: not modelled
+        elif name not in _METADATA:  # modes, owners, attributes, flags: not modelled
             raise ModelError(f"no model for {name}{args}")
 
     def _open(self, seq: int, path: str, flags: int, dir_fd: int | None, fd: int) -> None:

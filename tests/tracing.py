@@ -15,7 +15,19 @@ from atomstore import _staging, _syscalls
 ANONYMOUS = getattr(os, "O_TMPFILE", -1)
 ANONYMOUS_NAME = "(unnamed)"
 
-_FD_CALLS = frozenset({"write", "fsync", "close", "fchmod", "fchown", "link_fd"})
+_FD_CALLS = frozenset(
+    {
+        "write",
+        "fsync",
+        "close",
+        "fchmod",
+        "fchown",
+        "link_fd",
+        "fsetxattr",
+        "fremovexattr",
+        "set_inode_flags",
+    }
+)
 
 
 @dataclass

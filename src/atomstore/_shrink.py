@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 import time
 
 from . import _log, _syscalls, _tree
@@ -56,6 +57,18 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLL
 # Never blocks on a FIFO, never follows a symlink.
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
 
+# Inode flags (chattr, <linux/fs.h>): FS_IOC_GETFLAGS and SETFLAGS take an
+# int; FS_IOC_FSGETXATTR fills a struct fsxattr, the project id at byte 12.
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_FSGETXATTR = 0x801C581F
+# Flags the filesystem sets itself (htree index, extents, inline data,
+# huge file, EA inode, EOF blocks, verity): not the user's to copy.
+_FS_OWN_FLAGS = 0x1000 | 0x80000 | 0x10000000 | 0x40000 | 0x200000 | 0x400000 | 0x100000
+
+# new/ directories (device, inode) this process found it cannot swap: a
+# mount point, a filesystem that refused the exchange after all.
+_refused: set[tuple[int, int]] = set()
+
 
 def worth_it(new_dir: str, capabilities: Callable[[], Capabilities]) -> bool:
     """Whether the emptied ``new_dir`` is large enough, and this process may
@@ -65,6 +78,8 @@ def worth_it(new_dir: str, capabilities: Callable[[], Capabilities]) -> bool:
     except OSError:
         return False
     if st.st_size < SHRINK_FROM or st.st_uid != os.geteuid():
+        return False
+    if (st.st_dev, st.st_ino) in _refused:
         return False
     caps = capabilities()
     return caps.exchange and caps.probed
@@ -85,8 +100,11 @@ def shrink(root: str, new_dir: str, durable: bool) -> bool:
     try:
         _copy_metadata(new_dir, hidden, old)
         _syscalls.renameat2(hidden, new_dir, RENAME_EXCHANGE)
-    except OSError:
+    except OSError as e:
         _remove_if_empty(hidden)
+        if e.errno != errno.ENOENT:  # not a race: never tried again here
+            _refused.add((old.st_dev, old.st_ino))
+            _log.info("%s: kept, though emptied: %s", new_dir, e.strerror or e)
         return False
     if durable:
         _tree.sync_dir(root)
@@ -100,63 +118,131 @@ def shrink(root: str, new_dir: str, durable: bool) -> bool:
     return True
 
 
-def finish(root: str, new_dir: str, durable: bool, grace: float | None = None) -> bool:
-    """Move back into ``new_dir`` what an old ``new/`` still holds, and
-    remove it; only once it has not changed for ``grace`` seconds
-    (:data:`GRACE` by default).
+# What finish() found: nothing (or nothing of ours), an old new/ still
+# settling (to be looked at after the grace period), or one holding entries
+# that cannot be moved (to be looked at much later).
+NONE, SETTLING, STUCK = "", "settling", "stuck"
 
-    :returns: whether an old ``new/`` is still there (being swapped, or
-        not empty yet).
+
+def finish(root: str, new_dir: str, durable: bool) -> str:
+    """Move back into ``new_dir`` what an old ``new/`` still holds, and
+    remove it; only once it has not changed for :data:`GRACE` seconds, and
+    only a directory of the owner of ``new/``.
+
+    :returns: :data:`NONE`, :data:`SETTLING` or :data:`STUCK`.
     """
     hidden = f"{root}/{SHRINK_NAME}"
     try:
         st = os.lstat(hidden)
+        owner = os.lstat(new_dir).st_uid
     except OSError:
-        return False
-    if not stat.S_ISDIR(st.st_mode):
-        return False  # not one of ours: never followed, never removed
-    if st.st_ctime > time.time() - (GRACE if grace is None else grace):
-        return True  # being swapped right now: its consumer moves it back
+        return NONE
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner:
+        return NONE  # not one of ours: never followed, never emptied
+    age = time.time() - st.st_ctime
+    if 0 <= age < GRACE or -1 < age < 0:
+        # Being swapped right now: its consumer moves it back.  (Changed
+        # more than a second in the future, the clock was set back.)
+        return SETTLING
     moved = _move_back(hidden, new_dir, durable)
     if moved:
         _log.info("%s: %d entries moved back from an old new/", new_dir, moved)
-    return not _remove_if_empty(hidden)
+    return NONE if _remove_if_empty(hidden) else STUCK
 
 
 def _copy_metadata(new_dir: str, hidden: str, old: os.stat_result) -> None:
-    """Give ``hidden`` the permissions, group and extended attributes of
-    ``new_dir``; raise if anything could not be copied."""
+    """Make ``hidden`` the twin of ``new_dir``: group, extended attributes
+    (ACLs, labels) and nothing more, inode flags, project, permissions.
+    Raise if anything differs afterwards."""
     fd = _syscalls.open(hidden, _DIR_FLAGS)
     try:
-        fresh = os.fstat(fd)
-        if fresh.st_gid != old.st_gid:
+        if os.fstat(fd).st_gid != old.st_gid:
             _syscalls.fchown(fd, -1, old.st_gid)
+        wanted = {
+            name: os.getxattr(new_dir, name, follow_symlinks=False) for name in _xattrs(new_dir)
+        }
+        for name in _xattrs(fd):
+            if name not in wanted:  # inherited from the store's directory
+                _syscalls.fremovexattr(fd, name)
+        for name, value in wanted.items():
+            if _xattr(fd, name) != value:  # a security label is given already
+                _syscalls.fsetxattr(fd, name, value)
+        old_flags, fresh_flags = _flags(new_dir), _flags(fd)
+        if (old_flags ^ fresh_flags) & ~_FS_OWN_FLAGS:
+            _syscalls.set_inode_flags(
+                fd, (fresh_flags & _FS_OWN_FLAGS) | (old_flags & ~_FS_OWN_FLAGS)
+            )
         _syscalls.fchmod(fd, stat.S_IMODE(old.st_mode))
-        for name in _xattrs(new_dir):
-            value = os.getxattr(new_dir, name, follow_symlinks=False)
-            try:
-                if os.getxattr(fd, name) == value:
-                    continue  # given already (a security label, say)
-            except OSError:
-                pass
-            _syscalls.fsetxattr(fd, name, value)
-        if stat.S_IMODE(os.fstat(fd).st_mode) != stat.S_IMODE(old.st_mode):
-            raise PermissionError(errno.EPERM, "mode not kept", hidden)
+        fresh = os.fstat(fd)
+        differs = [
+            what
+            for what, same in (
+                ("mode", stat.S_IMODE(fresh.st_mode) == stat.S_IMODE(old.st_mode)),
+                ("group", fresh.st_gid == old.st_gid),
+                ("attributes", {n: _xattr(fd, n) for n in _xattrs(fd)} == wanted),
+                ("flags", not (_flags(fd) ^ old_flags) & ~_FS_OWN_FLAGS),
+                ("project", _project(fd) == _project(new_dir)),
+            )
+            if not same
+        ]
+        if differs:
+            raise PermissionError(errno.EPERM, f"{', '.join(differs)} not kept", hidden)
     finally:
         _syscalls.close(fd)
 
 
-def _xattrs(path: str) -> list[str]:
+def _xattrs(path: str | int) -> list[str]:
     try:
-        return os.listxattr(path, follow_symlinks=False)
+        return (
+            os.listxattr(path, follow_symlinks=False)
+            if isinstance(path, str)
+            else os.listxattr(path)
+        )
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return []
         raise
 
 
+def _xattr(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
+    except OSError:
+        return None
+
+
+def _flags(path: str | int) -> int:
+    """The inode flags of a directory (0 where the filesystem has none)."""
+    return int.from_bytes(_ioctl(path, _FS_IOC_GETFLAGS, 4), sys.byteorder)
+
+
+def _project(path: str | int) -> int:
+    """The project id of a directory (0 where the filesystem has none)."""
+    return int.from_bytes(_ioctl(path, _FS_IOC_FSGETXATTR, 28)[12:16], sys.byteorder)
+
+
+def _ioctl(path: str | int, request: int, size: int) -> bytes:
+    import fcntl  # only for a swap: rare
+
+    fd = os.open(path, _DIR_FLAGS) if isinstance(path, str) else path
+    try:
+        return bytes(fcntl.ioctl(fd, request, bytes(size)))
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
+            return bytes(size)
+        raise
+    finally:
+        if isinstance(path, str):
+            os.close(fd)
+
+
 def _move_back(hidden: str, new_dir: str, durable: bool) -> int:
-    """Move every entry of ``hidden`` into ``new_dir``, never replacing one."""
+    """Move every entry of ``hidden`` into ``new_dir``, never replacing one.
+
+    An entry that cannot be moved (a directory this process may not write,
+    a mount point, another user's file in a sticky directory) stays, and
+    with it the old directory: its owner's consumers move it later.
+    """
     try:
         fd = _syscalls.open(hidden, _DIR_FLAGS)
     except OSError:
@@ -168,11 +254,15 @@ def _move_back(hidden: str, new_dir: str, durable: bool) -> int:
         for name in names:
             source = f"{hidden}/{name}"
             try:
-                _syscalls.renameat2(source, f"{new_dir}/{name}", RENAME_NOREPLACE)
+                try:
+                    _syscalls.renameat2(source, f"{new_dir}/{name}", RENAME_NOREPLACE)
+                except FileExistsError:
+                    _move_twice_named(source, new_dir, name)
             except FileNotFoundError:
                 continue  # moved back by another consumer
-            except FileExistsError:
-                _move_twice_named(source, new_dir, name)
+            except OSError as e:
+                _log.info("%s: cannot be moved back into %s: %s", source, new_dir, e.strerror or e)
+                continue
             moved += 1
         if moved and durable:
             _tree.sync_dir(new_dir)
@@ -187,23 +277,21 @@ def _move_twice_named(source: str, new_dir: str, name: str) -> None:
 
     The same message under both names (a crash kept both entries of a
     rename between two directories) loses the old directory's; another file
-    (a foreign producer's, named alike) is kept under a name of its own.
+    (a foreign producer's, named alike) is kept under a name of its own,
+    made before its info part (``:2,...``), if any.
     """
-    try:
-        if _same_message(source, f"{new_dir}/{name}"):
-            _syscalls.unlink(source)
-            return
-    except FileNotFoundError:
-        return  # moved meanwhile by another consumer: it looks again
+    if _same_message(source, f"{new_dir}/{name}"):
+        _syscalls.unlink(source)
+        return
+    base, colon, info = name.partition(":")
     for _ in range(100):
         suffix = f".{os.urandom(4).hex()}"
-        target = os.fsdecode(os.fsencode(name)[: 255 - len(suffix)]) + suffix
+        cut = 255 - len(suffix) - len(os.fsencode(colon + info))
+        target = os.fsdecode(os.fsencode(base)[: max(cut, 1)]) + suffix + colon + info
         try:
             _syscalls.renameat2(source, f"{new_dir}/{target}", RENAME_NOREPLACE)
         except FileExistsError:
             continue
-        except FileNotFoundError:
-            return
         return
 
 

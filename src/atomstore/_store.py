@@ -71,16 +71,16 @@ _BACKLOG_MAX = 100_000
 # What _take() returns for a message another consumer claimed first.
 _LOST: Claim = object()  # type: ignore[assignment]
 _DEFAULT_POLL = 0.5
-# An emptied new/ is swapped for a fresh one (_shrink) when it holds no
-# more than this many entries that cannot be claimed (hidden, foreign); a
-# consumer swaps at most every _SHRINK_EVERY seconds, looks at the size of
-# an emptied new/ at most every _SHRINK_LOOK_EVERY, and for an old new/
-# another consumer left at most every _LEFTOVER_LOOK_EVERY: an idle look
-# pays a clock read for them.
-_SHRINK_AMONG = 16
+# An emptied new/ (nothing in it at all) is swapped for a fresh one
+# (_shrink): a consumer swaps at most every _SHRINK_EVERY seconds, looks at
+# the size of an emptied new/ at most every _SHRINK_LOOK_EVERY, and for an
+# old new/ another consumer left at most every _LEFTOVER_LOOK_EVERY (every
+# _LEFTOVER_STUCK_EVERY when what is left in it cannot be moved): an idle
+# look pays a clock read for them.
 _SHRINK_EVERY = 10.0
 _SHRINK_LOOK_EVERY = 1.0
 _LEFTOVER_LOOK_EVERY = 0.5
+_LEFTOVER_STUCK_EVERY = 30.0
 
 
 class FileStore(Areas):
@@ -163,6 +163,7 @@ class FileStore(Areas):
         # When an emptied new/ may be looked at for a swap next, and when an
         # old new/ another consumer swapped out may be looked for (monotonic).
         self._next_shrink = self._next_leftover_look = 0.0
+        self._old_new_look_at: float | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
@@ -316,6 +317,8 @@ class FileStore(Areas):
             if area in LATE and os.path.isdir(self._checked("new")):
                 return []  # no message has died (or waited) yet
             raise
+        if area == "new":  # what a swap stopped half-way left: back first
+            _shrink.finish(self.path, directory, self.durable)
         names = os.listdir(directory)
         return [os.path.join(directory, n) for n in sorted(names) if not n.startswith(".")]
 
@@ -333,6 +336,7 @@ class FileStore(Areas):
         """
         now = time.time()
         result: dict[str, dict[str, Any]] = {}
+        _shrink.finish(self.path, self._checked("new"), self.durable)
         for area in AREAS:
             try:
                 names = [n for n in os.listdir(self._checked(area)) if n[:1] != "."]
@@ -626,7 +630,15 @@ class FileStore(Areas):
 
     def _waiter(self) -> _watch.Waiter:
         try:
-            return _watch.Waiter(self._dirs["new"], self.poll_interval, _DEFAULT_POLL)
+            return _watch.Waiter(
+                self._dirs["new"],
+                self.poll_interval,
+                _DEFAULT_POLL,
+                # A message that reached the old new/ of a swap is moved
+                # back after the grace period: a waiter looks then.
+                settle=_shrink.GRACE + _LEFTOVER_LOOK_EVERY + 0.1,
+                look_again_at=lambda: self._old_new_look_at,
+            )
         except FileNotFoundError:
             raise self._not_prepared("new") from None
 
@@ -699,7 +711,7 @@ class FileStore(Areas):
                     claim = self._take(name, new_dir, cur_dir)
                     if claim is not None and claim is not _LOST:
                         return claim
-        if seen <= _SHRINK_AMONG and now >= self._next_shrink:
+        if not seen and now >= self._next_shrink:
             self._shrink_new(new_dir, now)
         return None
 
@@ -785,7 +797,7 @@ class FileStore(Areas):
                     names.sort()
                     del names[_BACKLOG_MAX:]
                     youngest = names[-1]
-        if not names and seen <= _SHRINK_AMONG and now >= self._next_shrink:
+        if not seen and now >= self._next_shrink:
             self._shrink_new(new_dir, now)
         names.sort(reverse=True)
         if len(names) > _BACKLOG_MAX:
@@ -803,9 +815,13 @@ class FileStore(Areas):
 
     def _finish_shrink(self, new_dir: str, now: float) -> None:
         """Finish the swap of an emptied ``new/`` that another consumer left
-        (see :mod:`._shrink`)."""
-        _shrink.finish(self.path, new_dir, self.durable)
-        self._next_leftover_look = now + _LEFTOVER_LOOK_EVERY
+        (see :mod:`._shrink`); one still settling is looked at again once
+        its grace period is over, by a waiter too."""
+        found = _shrink.finish(self.path, new_dir, self.durable)
+        # Entries that cannot be moved back: its owner's consumers will.
+        every = _LEFTOVER_STUCK_EVERY if found == _shrink.STUCK else _LEFTOVER_LOOK_EVERY
+        self._next_leftover_look = now + every
+        self._old_new_look_at = now + _shrink.GRACE + 0.1 if found == _shrink.SETTLING else None
 
     def claimed(self, name: str) -> Claim:
         """The :class:`Claim` for a claimed file in ``cur/``, by name or path.
@@ -948,7 +964,7 @@ class FileStore(Areas):
         limit = time.time() - age
         removed = _remove_stale(self._checked("tmp"), limit, lambda name: True)
         # An old new/ a consumer swapped out and was stopped before removing.
-        _shrink.finish(self.path, self._checked("new"), self.durable, grace=min(age, _shrink.GRACE))
+        _shrink.finish(self.path, self._checked("new"), self.durable)
         for area in ("new", "cur", "dead"):
             if area == "dead" and not os.path.lexists(self._dirs["dead"]):
                 continue

@@ -76,6 +76,18 @@ def _fsetxattr(fd: int, name: str, value: bytes) -> None:
     os.setxattr(fd, name, value)  # Linux only: os has no setxattr elsewhere
 
 
+def _fremovexattr(fd: int, name: str) -> None:
+    """Remove the extended attribute ``name`` of the open file ``fd``."""
+    os.removexattr(fd, name)
+
+
+def _set_inode_flags(fd: int, flags: int) -> None:
+    """Set the inode flags (chattr) of the open file ``fd``: FS_IOC_SETFLAGS."""
+    import fcntl  # rare: only where a directory's twin is made
+
+    fcntl.ioctl(fd, 0x40086602, flags.to_bytes(4, sys.byteorder))  # FS_IOC_SETFLAGS
+
+
 # The calls, by the names tracers see.  ``open`` is used to create or write a
 # file, and to open a directory to sync (so that a tracer can tell which path
 # a descriptor and a ``dir_fd`` stand for); ``write`` writes once, and the
@@ -89,6 +101,8 @@ _CALLS: dict[str, Callable[..., Any]] = {
     "fchmod": os.fchmod,
     "fchown": os.fchown,
     "fsetxattr": _fsetxattr,
+    "fremovexattr": _fremovexattr,
+    "set_inode_flags": _set_inode_flags,
     "rename": os.rename,
     "renameat2": _renameat2.renameat2,
     "link": os.link,
@@ -107,6 +121,8 @@ close: Callable[[int], None] = os.close
 fchmod: Callable[[int, int], None] = os.fchmod
 fchown: Callable[[int, int, int], None] = os.fchown
 fsetxattr: Callable[[int, str, bytes], None] = _fsetxattr
+fremovexattr: Callable[[int, str], None] = _fremovexattr
+set_inode_flags: Callable[[int, int], None] = _set_inode_flags
 rename: Callable[[str, str], None] = os.rename
 renameat2: Callable[[str, str, int], None] = _renameat2.renameat2
 link: Callable[[str, str], None] = os.link

@@ -19,12 +19,13 @@ import re
 import select
 import sys
 import threading
+import time
 
 from . import _log
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Callable
 
 # <sys/inotify.h>
 _IN_CREATE = 0x100
@@ -137,9 +138,21 @@ class Waiter:
 
     :param poll_interval: seconds between polls where inotify cannot see
         every change (None: only where needed, at ``default_poll``).
+    :param settle: after the path named another directory, wake once more
+        this many seconds later, whatever the poll interval (a swapped
+        ``new/`` moves back what reached the old one by then).
+    :param look_again_at: asked at each wait: a monotonic time to wake at
+        in any case (None: no such time).
     """
 
-    def __init__(self, directory: str, poll_interval: float | None, default_poll: float) -> None:
+    def __init__(
+        self,
+        directory: str,
+        poll_interval: float | None,
+        default_poll: float,
+        settle: float | None = None,
+        look_again_at: Callable[[], float | None] | None = None,
+    ) -> None:
         self._read, self._write = os.pipe()  # not inherited by children
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
@@ -147,6 +160,9 @@ class Waiter:
         self._inotify = -1
         self._lock = threading.Lock()
         self._directory = directory
+        self._settle = settle
+        self._look_again_when = look_again_at
+        self._look_again_at: float | None = None  # monotonic, after a swap
         self._identity = self._look()
         try:
             self._watch()
@@ -205,6 +221,8 @@ class Waiter:
         except OSError:
             return  # gone again meanwhile: the next look tries again
         self._identity = identity
+        if self._settle is not None:
+            self._look_again_at = time.monotonic() + self._settle
 
     @property
     def uses_inotify(self) -> bool:
@@ -235,6 +253,15 @@ class Waiter:
         # Never longer than the look at the path is due: a wait on a
         # directory that was moved aside would otherwise never end.
         timeout = self._recheck if timeout is None else min(timeout, self._recheck)
+        if self._look_again_at is not None:
+            # Once more after a swap settled, whatever the poll interval.
+            left = self._look_again_at - time.monotonic()
+            if left <= 0:
+                self._look_again_at = None
+            timeout = min(timeout, max(left, 0.0))
+        asked = None if self._look_again_when is None else self._look_again_when()
+        if asked is not None:
+            timeout = min(timeout, max(asked - time.monotonic(), 0.0))
         fds = [self._read] + ([self._inotify] if self._inotify >= 0 else [])
         readable, _, _ = select.select(fds, [], [], min(timeout, _LONGEST_WAIT))
         for fd in readable:
