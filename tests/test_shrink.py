@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from acls import default_acl
-from atomstore import FileStore, _shrink, _store, _watch
+from atomstore import ClaimLostError, FileStore, _shrink, _store, _watch
 from atomstore._rename import Capabilities
 from forked import Children, call_as, exit_code
 from needs import need, need_root
@@ -520,3 +520,37 @@ def test_nothing_lost_or_doubled_through_swaps(tmp_path: Path, eager: None, caps
         assert swaps >= 5, swaps
     else:
         assert swaps == 0
+
+
+# -- a rename into an old new/ removed under it ---------------------------------
+
+
+def test_a_release_into_a_removed_new_tries_the_fresh_one(tmp_path: Path, trace: Recorder) -> None:
+    store = prepared(tmp_path)
+    store.add(b"m")
+    claim = store.claim()
+    assert claim is not None
+    # As a rename that looked up new/ just before it was swapped and removed.
+    trace.fail("renameat2", errno.ENOENT, when=lambda call: "/new/" in str(call.args[1]))
+    back = claim.release()
+    assert os.path.dirname(back) == str(tmp_path / "new")
+    assert Path(back).read_bytes() == b"m"
+    assert os.listdir(tmp_path / "cur") == []
+
+
+def test_an_add_into_a_removed_new_tries_the_fresh_one(tmp_path: Path, trace: Recorder) -> None:
+    store = prepared(tmp_path)
+    trace.fail("link_fd", errno.ENOENT)
+    name = store.add(b"m")
+    assert (tmp_path / "new" / name).read_bytes() == b"m"
+    assert trace.count("link_fd") == 2
+
+
+def test_a_release_whose_claim_is_gone_is_still_told(tmp_path: Path) -> None:
+    store = prepared(tmp_path)
+    store.add(b"m")
+    claim = store.claim()
+    assert claim is not None
+    os.unlink(claim.path)  # finished by another process meanwhile
+    with pytest.raises(ClaimLostError):
+        claim.release()

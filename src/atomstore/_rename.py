@@ -339,14 +339,18 @@ def rename_noreplace(
     :raises FileNotFoundError: ``src`` is gone (another process moved it).
     """
     if caps.noreplace:
-        try:
-            _syscalls.renameat2(src, dst, RENAME_NOREPLACE)
-            return
-        except OSError as e:
-            if e.errno == errno.EEXIST:
-                raise _exists_error(dst) from None
-            if e.errno not in _FLAGS_REFUSED:
-                raise
+        for retry in (True, False):
+            try:
+                _syscalls.renameat2(src, dst, RENAME_NOREPLACE)
+                return
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    raise _exists_error(dst) from None
+                if e.errno == errno.ENOENT and retry and _target_dir_went(src, dst):
+                    continue
+                if e.errno not in _FLAGS_REFUSED:
+                    raise
+                break
     if caps.hardlinks and _link_then_unlink(src, dst, durable, private):
         return
     # Last resort: no atomic way to refuse a replacement exists here.
@@ -355,6 +359,14 @@ def rename_noreplace(
             raise _missing_error(src, dst)
         raise _exists_error(dst)
     _syscalls.rename(src, dst)
+
+
+def _target_dir_went(src: str, dst: str) -> bool:
+    """After ENOENT: whether ``src`` is still there, and the directory of
+    ``dst`` is too, so that the one ``dst`` was looked up in has gone
+    (an emptied ``new/`` swapped for a fresh one, see ``_shrink``): then
+    a second try goes to the directory the path names now."""
+    return os.path.lexists(src) and os.path.isdir(os.path.dirname(dst))
 
 
 def _link_then_unlink(src: str, dst: str, durable: bool, private: bool) -> bool:

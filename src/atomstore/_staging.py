@@ -253,7 +253,14 @@ def link_anonymous(staged: Temp, dest: str, durable: bool) -> None:
         if durable:
             _syscalls.fsync(fd)
         try:
-            _syscalls.link_fd(fd, dest)
+            try:
+                _syscalls.link_fd(fd, dest)
+            except FileNotFoundError:
+                # The directory looked up was removed as the path came to
+                # name another (an emptied new/ swapped): once more.
+                if not os.path.isdir(os.path.dirname(dest) or "."):
+                    raise
+                _syscalls.link_fd(fd, dest)
         except OSError as e:
             # Named by the destination, not by the descriptor's number.
             raise OSError(e.errno, e.strerror, dest) from None
