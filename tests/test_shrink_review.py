@@ -255,14 +255,19 @@ def test_f4_stats_and_ls_see_messages_of_a_stopped_swap(tmp_path: Path) -> None:
 # -- F5: a racing release() is told ClaimLostError while it still holds --
 
 
-def test_f5_release_told_lost_while_the_claim_is_still_held(tmp_path: Path) -> None:
-    """A swapper and clean(older_than=0) (grace min(0, 2) = 0: the old
-    new/ is removed right after the exchange) race a release(): its rename
-    into new/ meets the removed old directory, ENOENT, reported as
-    ClaimLostError although the claim is still in cur/ (found in 1-3 s)."""
+def test_f5_release_told_lost_while_the_claim_is_still_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A swapper and a cleaner that removes the old new/ right after the
+    exchange (clean(older_than=0) did; now a grace period of 0 stands for a
+    rename stalled longer than the real one) race a release(): its rename
+    into new/ met the removed old directory, ENOENT, reported as
+    ClaimLostError although the claim was still in cur/ (found in 1-3 s).
+    The rename now tries the fresh new/."""
     path = str(tmp_path)
     prepared(tmp_path)
-    end = time.time() + 20
+    monkeypatch.setattr(_shrink, "GRACE", 0.0)
+    end = time.time() + 5
     kids = []
     for role in ("swap", "clean"):
         pid = os.fork()
