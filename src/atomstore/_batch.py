@@ -32,8 +32,8 @@ class Batch:
 
     Each :meth:`add` writes one message complete and fsyncs it
     (``durable``), as a file without a name in ``new/`` (O_TMPFILE, for the
-    first :data:`UNNAMED_MAX` messages of a batch: 64 with the usual limit
-    of 1024 descriptors) or in ``tmp/``; closing the batch gives them their
+    first messages of a batch, a sixteenth of the descriptor limit: 64 with
+    the usual limit of 1024) or in ``tmp/``; closing the batch gives them their
     names in ``new/`` and fsyncs ``new/`` once.  Used as a context manager,
     the batch is published when the block ends normally and discarded
     (nothing delivered) when it raises.  A process killed before the batch
@@ -120,7 +120,7 @@ class Batch:
         """Publish what was staged (durable on return); return the names.
 
         If a move fails midway, the messages before it stay delivered (in
-        :attr:`published`) and the rest are discarded.
+        ``published``) and the rest are discarded.
         """
         store = self._store
         staged = self._staged

@@ -222,7 +222,7 @@ class Claim:
         Choose ``interval`` well below the lease given to
         :meth:`FileStore.recover` (a third, say).  The thread stops when the
         block ends, and at the first renewal that fails (see
-        :attr:`KeepAlive.error`).
+        its ``error``).
         """
         return KeepAlive(self, seconds(interval, "interval"))
 
