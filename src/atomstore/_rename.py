@@ -339,14 +339,14 @@ def rename_noreplace(
     :raises FileNotFoundError: ``src`` is gone (another process moved it).
     """
     if caps.noreplace:
-        for retry in (True, False):
+        for tries_left in (2, 1, 0):
             try:
                 _syscalls.renameat2(src, dst, RENAME_NOREPLACE)
                 return
             except OSError as e:
                 if e.errno == errno.EEXIST:
                     raise _exists_error(dst) from None
-                if e.errno == errno.ENOENT and retry and _target_dir_went(src, dst):
+                if e.errno == errno.ENOENT and tries_left and _target_dir_went(src, dst):
                     continue
                 if e.errno not in _FLAGS_REFUSED:
                     raise

@@ -162,6 +162,7 @@ class Waiter:
         self._directory = directory
         self._settle = settle
         self._look_again_when = look_again_at
+        self._asked_done: float | None = None
         self._look_again_at: float | None = None  # monotonic, after a swap
         self._identity = self._look()
         try:
@@ -250,23 +251,38 @@ class Waiter:
         """Return after a change, a poll interval, ``timeout`` or :meth:`stop`."""
         if self._stopped.is_set():
             return
+        readable, _, _ = select.select(self.descriptors, [], [], self.longest_wait(timeout))
+        self.woken(readable)
+
+    def longest_wait(self, timeout: float | None) -> float:
+        """How long a wait of at most ``timeout`` seconds may block."""
         # Never longer than the look at the path is due: a wait on a
         # directory that was moved aside would otherwise never end.
         timeout = self._recheck if timeout is None else min(timeout, self._recheck)
+        now = time.monotonic()
         if self._look_again_at is not None:
             # Once more after a swap settled, whatever the poll interval.
-            left = self._look_again_at - time.monotonic()
+            left = self._look_again_at - now
             if left <= 0:
                 self._look_again_at = None
             timeout = min(timeout, max(left, 0.0))
         asked = None if self._look_again_when is None else self._look_again_when()
-        if asked is not None:
-            timeout = min(timeout, max(asked - time.monotonic(), 0.0))
-        fds = [self._read] + ([self._inotify] if self._inotify >= 0 else [])
-        readable, _, _ = select.select(fds, [], [], min(timeout, _LONGEST_WAIT))
+        if asked is not None and asked != self._asked_done:
+            if asked <= now:
+                self._asked_done = asked  # honoured once, not in a loop
+            timeout = min(timeout, max(asked - now, 0.0))
+        return min(timeout, _LONGEST_WAIT)
+
+    def woken(self, readable: list[int]) -> None:
+        """After a wait: empty what woke it, and follow the path."""
         for fd in readable:
             _drain(fd)
         self._follow()
+
+    @property
+    def descriptors(self) -> list[int]:
+        """What a wait waits on: the stop pipe, and inotify's where it works."""
+        return [self._read] + ([self._inotify] if self._inotify >= 0 else [])
 
     def close(self) -> None:
         """Release the descriptors."""
