@@ -27,7 +27,10 @@ nitpicky = True
 # The standard library's names cannot be linked here (no network to fetch
 # Python's inventory): only atomstore's own must all resolve.
 nitpick_ignore_regex = [
-    ("py:class", r"(typing|collections\.abc|os|io|datetime|pathlib|contextlib|threading)\..*"),
+    (
+        "py:class",
+        r"(typing|collections\.abc|os|io|datetime|pathlib|contextlib|threading|asyncio)\..*",
+    ),
     ("py:class", r"(IO|BinaryIO|TextIO|Any|Callable|Iterable|Iterator|Literal|Union)(\[.*\])?"),
     ("py:class", r"(str|int|float|bool|bytes|bytearray|memoryview|object|dict|list|tuple)"),
     ("py:class", r"(AbstractContextManager|builtins\.list|TypeAliasForwardRef)"),
@@ -35,7 +38,7 @@ nitpick_ignore_regex = [
     ("py:exc", r".*Error"),
     # Names that exist for type checkers only (the package imports no typing
     # at run time): documented in words where they are used.
-    ("py:class", r"(StrPath|Data|Handler|Queue|Job|Areas|_watch\.Waiter)"),
+    ("py:class", r"(StrPath|Data|Handler|Queue|Job|Areas|_watch\.Waiter|_AtomicFileContext)"),
     ("py:class", r"(Text|Binary)(Write|Read)Mode"),
 ]
 autodoc_member_order = "bysource"
