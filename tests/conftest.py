@@ -7,7 +7,7 @@ from typing import Callable
 
 import pytest
 
-from atomstore import _rename, _syscalls
+from atomstore import _rename, _shrink, _store, _syscalls
 from atomstore._rename import Capabilities
 from clocks import Clock
 from tracing import Recorder
@@ -31,6 +31,24 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     monkeypatch.setattr(time, "time_ns", fake.time_ns)
     monkeypatch.setattr(time, "monotonic", fake.monotonic)
     return fake
+
+
+class _Everything:
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+@pytest.fixture
+def eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every empty look swaps new/ for a fresh one, at once, on any
+    filesystem with RENAME_EXCHANGE; an old new/ is finished as soon as it
+    has not changed for 50 ms (see atomstore._shrink)."""
+    monkeypatch.setattr(_shrink, "SHRINK_FROM", 0)
+    monkeypatch.setattr(_shrink, "NEVER_SHRINK", _Everything())
+    monkeypatch.setattr(_store, "_SHRINK_EVERY", 0.0)
+    monkeypatch.setattr(_store, "_SHRINK_LOOK_EVERY", 0.0)
+    monkeypatch.setattr(_store, "_LEFTOVER_LOOK_EVERY", 0.0)
+    monkeypatch.setattr(_shrink, "GRACE", 0.05)
 
 
 @pytest.fixture

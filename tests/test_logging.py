@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from atomstore import FileStore, _rename, _shrink, _store, _watch, atomic
+from atomstore import FileStore, _rename, _watch, atomic
 from atomstore._rename import Capabilities, describe
 from test_races import CAPS
 
@@ -117,10 +117,8 @@ def test_a_wait_that_polls_says_so(
 
 
 def test_a_swap_of_new_is_logged(
-    tmp_path: Path, log: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, log: pytest.LogCaptureFixture, eager: None
 ) -> None:
-    monkeypatch.setattr(_shrink, "SHRINK_FROM", 0)
-    monkeypatch.setattr(_store, "_SHRINK_EVERY", 0.0)
     store = prepared(tmp_path)
     assert store.claim() is None
     assert any(

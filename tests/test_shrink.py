@@ -36,17 +36,6 @@ HIDDEN = _shrink.SHRINK_NAME
 NOBODY = 65534
 
 
-@pytest.fixture
-def eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every empty look swaps new/, at once, and an old new/ is finished
-    as soon as it has not changed for 50 ms."""
-    monkeypatch.setattr(_shrink, "SHRINK_FROM", 0)
-    monkeypatch.setattr(_store, "_SHRINK_EVERY", 0.0)
-    monkeypatch.setattr(_store, "_SHRINK_LOOK_EVERY", 0.0)
-    monkeypatch.setattr(_store, "_LEFTOVER_LOOK_EVERY", 0.0)
-    monkeypatch.setattr(_shrink, "GRACE", 0.05)
-
-
 def prepared(path: Path, **options: object) -> FileStore:
     store = FileStore(path, durable=False, **options)  # type: ignore[arg-type]
     store.prepare()
@@ -142,11 +131,10 @@ def test_take_any_swaps_too(tmp_path: Path, eager: None) -> None:
 
 
 def test_a_consumer_swaps_at_most_every_few_seconds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, eager: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_shrink, "SHRINK_FROM", 0)
+    monkeypatch.setattr(_store, "_SHRINK_EVERY", 10.0)
     monkeypatch.setattr(_shrink, "GRACE", 0.0)  # the old new/ goes at the next look
-    monkeypatch.setattr(_store, "_LEFTOVER_LOOK_EVERY", 0.0)
     store = prepared(tmp_path)
     first = identity(tmp_path / "new")
     assert store.claim() is None
@@ -180,6 +168,24 @@ def test_an_idle_look_pays_a_clock_read_for_the_swap(
         assert store.claim() is None
         assert store.claim(oldest=False) is None
     assert calls == {"size": 1, "leftover": 1}
+
+
+def test_no_swap_where_directories_shrink_by_themselves(
+    tmp_path: Path, eager: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only ext2/3/4 keep an emptied directory's blocks: elsewhere (xfs,
+    btrfs, tmpfs) new/ is never swapped."""
+    monkeypatch.setattr(_shrink, "_kinds", {})
+    kind = _watch.filesystem_type(str(tmp_path))
+    monkeypatch.setattr(_shrink, "NEVER_SHRINK", frozenset({"ext2", "ext3", "ext4"} - {kind}))
+    store = prepared(tmp_path)
+    before = identity(tmp_path / "new")
+    assert store.claim() is None
+    assert identity(tmp_path / "new") == before
+    monkeypatch.setattr(_shrink, "NEVER_SHRINK", frozenset({kind}))
+    monkeypatch.setattr(store, "_next_shrink", 0.0)
+    assert store.claim() is None
+    assert identity(tmp_path / "new") != before
 
 
 @pytest.mark.parametrize("caps_name", ["links", "nolinks", "dropped", "unprobed"])
@@ -288,9 +294,8 @@ def test_the_next_consumer_finishes_a_stopped_swap(tmp_path: Path, eager: None) 
 
 
 def test_an_old_new_is_left_alone_while_it_changes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, eager: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_shrink, "SHRINK_FROM", 0)
     monkeypatch.setattr(_shrink, "GRACE", 0.5)
     store = prepared(tmp_path)
     names = stranded(tmp_path, store, b"one")

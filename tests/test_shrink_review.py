@@ -39,15 +39,6 @@ ALICE, BOB, CAROL = 1000, 1001, 1002
 
 
 @pytest.fixture
-def eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_shrink, "SHRINK_FROM", 0)
-    monkeypatch.setattr(_store, "_SHRINK_EVERY", 0.0)
-    monkeypatch.setattr(_store, "_SHRINK_LOOK_EVERY", 0.0)
-    monkeypatch.setattr(_store, "_LEFTOVER_LOOK_EVERY", 0.0)
-    monkeypatch.setattr(_shrink, "GRACE", 0.05)
-
-
-@pytest.fixture
 def top() -> Iterator[Path]:
     """A directory every user can reach (tmp_path is root's only)."""
     path = Path(tempfile.mkdtemp(prefix="atomstore-review-", dir="/tmp"))

@@ -169,8 +169,8 @@ class Batch:
             assert entry.path is not None
             _staging.publish(entry.path, target, self._store._capabilities(), False)
             return
-        try:
-            _syscalls.link_fd(fd, target)  # never replaces anything
+        try:  # never replaces anything
+            _tree.retried(lambda: _syscalls.link_fd(fd, target), target)
         except OSError as e:
             raise OSError(e.errno, e.strerror, target) from None
 

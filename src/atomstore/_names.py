@@ -39,6 +39,10 @@ if hasattr(os, "register_at_fork"):
 # NAME_MAX is 255 bytes on every Linux filesystem; the mark takes 27.
 _BASE_MAX_BYTES = 200
 
+# An emptied new/ swapped for a fresh one waits under this name beside the
+# areas while what reached it is moved back (see _shrink).
+OLD_NEW = ".new.atomstore-shrink"
+
 STAGING_RE = re.compile(
     r"^\.(?P<base>.*)\.atomstore-(?P<token>[0-9a-f]{12})\.(?P<kind>tmp|new|old)$", re.S
 )

@@ -35,7 +35,7 @@ import stat
 import sys
 import time
 
-from . import _log, _syscalls, _tree
+from . import _log, _names, _syscalls, _tree, _watch
 from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ._rename import Capabilities
 
 # The old new/ while it is emptied: hidden, beside the areas.
-SHRINK_NAME = ".new.atomstore-shrink"
+SHRINK_NAME = _names.OLD_NEW
 # An empty new/ this large (sixteen ext4 blocks) is swapped: a look into it
 # costs about 1.3x a fresh directory's; twice this, 2.3x.
 SHRINK_FROM = 64 * 1024
@@ -64,10 +64,22 @@ _FS_IOC_FSGETXATTR = 0x801C581F
 # Flags the filesystem sets itself (htree index, extents, inline data,
 # huge file, EA inode, EOF blocks, verity): not the user's to copy.
 _FS_OWN_FLAGS = 0x1000 | 0x80000 | 0x10000000 | 0x40000 | 0x200000 | 0x400000 | 0x100000
+_FS_FROZEN_FLAGS = 0x10 | 0x20  # immutable, append-only
+# The exchange refused for good: new/ is a mount point (EBUSY, EXDEV), or
+# the filesystem does not exchange after all.
+_EXCHANGE_REFUSED = frozenset(
+    {errno.EBUSY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+)
+# The filesystems whose directories never shrink (as mountinfo names them):
+# only there is new/ swapped.  xfs, btrfs and tmpfs give back what emptied
+# directories held.
+NEVER_SHRINK = frozenset({"ext2", "ext3", "ext4"})
 
 # new/ directories (device, inode) this process found it cannot swap: a
 # mount point, a filesystem that refused the exchange after all.
 _refused: set[tuple[int, int]] = set()
+# The filesystem type of each device looked at (mountinfo's name).
+_kinds: dict[int, str] = {}
 
 
 def worth_it(new_dir: str, capabilities: Callable[[], Capabilities]) -> bool:
@@ -80,6 +92,11 @@ def worth_it(new_dir: str, capabilities: Callable[[], Capabilities]) -> bool:
     if st.st_size < SHRINK_FROM or st.st_uid != os.geteuid():
         return False
     if (st.st_dev, st.st_ino) in _refused:
+        return False
+    kind = _kinds.get(st.st_dev)
+    if kind is None:
+        kind = _kinds[st.st_dev] = _watch.filesystem_type(new_dir)
+    if kind not in NEVER_SHRINK:
         return False
     caps = capabilities()
     return caps.exchange and caps.probed
@@ -102,8 +119,9 @@ def shrink(root: str, new_dir: str, durable: bool) -> bool:
         _syscalls.renameat2(hidden, new_dir, RENAME_EXCHANGE)
     except OSError as e:
         _remove_if_empty(hidden)
-        if e.errno != errno.ENOENT:  # not a race: never tried again here
+        if e.errno in _EXCHANGE_REFUSED:  # a mount point: never tried again here
             _refused.add((old.st_dev, old.st_ino))
+        if e.errno != errno.ENOENT:
             _log.info("%s: kept, though emptied: %s", new_dir, e.strerror or e)
         return False
     if durable:
@@ -150,10 +168,28 @@ def finish(root: str, new_dir: str, durable: bool) -> str:
     return NONE if _remove_if_empty(hidden) else STUCK
 
 
+def waiting_in_old_new(root: str, new_dir: str) -> list[str]:
+    """The visible names an old ``new/`` of the owner of ``new_dir`` still
+    holds (none, usually: one ``lstat``)."""
+    hidden = f"{root}/{SHRINK_NAME}"
+    try:
+        st = os.lstat(hidden)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.lstat(new_dir).st_uid:
+            return []
+        return [name for name in os.listdir(hidden) if name[:1] != "."]
+    except OSError:
+        return []
+
+
 def _copy_metadata(new_dir: str, hidden: str, old: os.stat_result) -> None:
     """Make ``hidden`` the twin of ``new_dir``: group, extended attributes
     (ACLs, labels) and nothing more, inode flags, project, permissions.
     Raise if anything differs afterwards."""
+    old_flags = _flags(new_dir)
+    if old_flags & _FS_FROZEN_FLAGS:
+        # An immutable or append-only new/ takes no message: nothing to
+        # shrink, and a twin made so could not be removed after a failure.
+        raise PermissionError(errno.EPERM, "immutable or append-only", new_dir)
     fd = _syscalls.open(hidden, _DIR_FLAGS)
     try:
         if os.fstat(fd).st_gid != old.st_gid:
@@ -167,7 +203,7 @@ def _copy_metadata(new_dir: str, hidden: str, old: os.stat_result) -> None:
         for name, value in wanted.items():
             if _xattr(fd, name) != value:  # a security label is given already
                 _syscalls.fsetxattr(fd, name, value)
-        old_flags, fresh_flags = _flags(new_dir), _flags(fd)
+        fresh_flags = _flags(fd)
         if (old_flags ^ fresh_flags) & ~_FS_OWN_FLAGS:
             _syscalls.set_inode_flags(
                 fd, (fresh_flags & _FS_OWN_FLAGS) | (old_flags & ~_FS_OWN_FLAGS)
@@ -280,14 +316,24 @@ def _move_twice_named(source: str, new_dir: str, name: str) -> None:
     (a foreign producer's, named alike) is kept under a name of its own,
     made before its info part (``:2,...``), if any.
     """
-    if _same_message(source, f"{new_dir}/{name}"):
+    try:
+        same = _same_message(source, f"{new_dir}/{name}")
+    except FileNotFoundError:
+        if not os.path.lexists(source):
+            raise  # moved back by another consumer
+        # The name in new/ was claimed meanwhile: it is free again.
+        _syscalls.renameat2(source, f"{new_dir}/{name}", RENAME_NOREPLACE)
+        return
+    if same:
         _syscalls.unlink(source)
         return
     base, colon, info = name.partition(":")
+    if len(os.fsencode(colon + info)) > 200:
+        base, colon, info = name, "", ""  # no room to keep an info part
     for _ in range(100):
         suffix = f".{os.urandom(4).hex()}"
         cut = 255 - len(suffix) - len(os.fsencode(colon + info))
-        target = os.fsdecode(os.fsencode(base)[: max(cut, 1)]) + suffix + colon + info
+        target = os.fsdecode(os.fsencode(base)[:cut]) + suffix + colon + info
         try:
             _syscalls.renameat2(source, f"{new_dir}/{target}", RENAME_NOREPLACE)
         except FileExistsError:

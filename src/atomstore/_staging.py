@@ -253,14 +253,7 @@ def link_anonymous(staged: Temp, dest: str, durable: bool) -> None:
         if durable:
             _syscalls.fsync(fd)
         try:
-            try:
-                _syscalls.link_fd(fd, dest)
-            except FileNotFoundError:
-                # The directory looked up was removed as the path came to
-                # name another (an emptied new/ swapped): once more.
-                if not os.path.isdir(os.path.dirname(dest) or "."):
-                    raise
-                _syscalls.link_fd(fd, dest)
+            _tree.retried(lambda: _syscalls.link_fd(fd, dest), dest)
         except OSError as e:
             # Named by the destination, not by the descriptor's number.
             raise OSError(e.errno, e.strerror, dest) from None

@@ -344,6 +344,10 @@ class FileStore(Areas):
                 if area not in LATE:
                     raise
                 names = []
+            if area == "new":
+                # What a swap stopped half-way left, and this process could
+                # not move back (no write permission): still waiting.
+                names += _shrink.waiting_in_old_new(self.path, self._dirs["new"])
             row: dict[str, Any] = {"count": len(names), "oldest_age": None}
             if area == "delay":
                 dues = [d[0] for d in map(_delays.split, names) if d is not None]
@@ -404,7 +408,7 @@ class FileStore(Areas):
         if self.durable and src == "tmp":
             _sync_file(source)
         if overwrite:
-            _syscalls.rename(source, target)
+            _tree.retried(lambda: _syscalls.rename(source, target), target, source)
         else:
             _rename.rename_noreplace(source, target, self._capabilities(), durable=self.durable)
         if self.durable:
@@ -1039,6 +1043,10 @@ def _remove_stale(directory: str, limit: float, pick: Callable[[str], bool]) -> 
             _tree.remove_tree(path)
         except FileNotFoundError:  # pragma: no cover - removed meanwhile
             continue
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise
+            continue  # a directory still being filled (a probe under way)
         removed.append(path)
     return removed
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 import errno
 import os
 
-from . import _syscalls
+from . import _names, _syscalls
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Callable, TypeVar
+
+    T = TypeVar("T")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 # A directory named by the caller is resolved as open() resolves it: a
@@ -21,12 +27,43 @@ _SYNC_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLL
 
 
 def sync_dir(path: str) -> None:
-    """fsync the directory ``path``, making its entries durable."""
+    """fsync the directory ``path``, making its entries durable.
+
+    For a store's ``new/``, an old ``new/`` being emptied beside it after a
+    swap (``_names.OLD_NEW``) is synced too: a rename or link that looked
+    up ``new/`` just before the swap put its entry there.
+    """
     fd = _syscalls.open(path, _NAMED_DIR_FLAGS)
     try:
         _syscalls.fsync(fd)
     finally:
         _syscalls.close(fd)
+    if path.endswith("/new"):
+        old = f"{path[:-3]}{_names.OLD_NEW}"
+        try:
+            fd = _syscalls.open(old, _DIR_FLAGS)
+        except OSError:
+            return  # none (the usual case), or not one to follow
+        try:
+            _syscalls.fsync(fd)
+        finally:
+            _syscalls.close(fd)
+
+
+def retried(call: Callable[[], T], dst: str, src: str | None = None) -> T:
+    """``call()``, tried up to twice more when it fails with ENOENT while
+    the directory of ``dst`` (and ``src``, if given) is still there: the
+    directory it looked up was removed as the path came to name another
+    (an emptied ``new/`` swapped for a fresh one, see ``_shrink``)."""
+    for tries_left in (2, 1, 0):
+        try:
+            return call()
+        except FileNotFoundError:
+            if not tries_left or not os.path.isdir(os.path.dirname(dst) or "."):
+                raise
+            if src is not None and not os.path.lexists(src):
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def sync_tree(path: str) -> int:
