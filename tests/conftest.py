@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Callable
@@ -11,6 +12,12 @@ from atomstore import _rename, _shrink, _store, _syscalls
 from atomstore._rename import Capabilities
 from clocks import Clock
 from tracing import Recorder
+
+# A run started in the background of a shell (``tox &``, nohup) inherits
+# SIGINT ignored, and so would every Python the tests start: the tests of
+# Ctrl-C would see nothing.  Handled here, SIGINT is reset to its default in
+# every program the tests run (exec resets handled signals).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
