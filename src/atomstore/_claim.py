@@ -130,8 +130,11 @@ class Claim:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self.finish()
-        else:
+            return
+        try:
             self.release()
+        except ClaimLostError:
+            pass  # nothing to give back: the block's own exception goes on
 
     def lost(self) -> ClaimLostError:
         """The error for a claim that is no longer held."""

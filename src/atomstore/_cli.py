@@ -486,15 +486,23 @@ class _Formatter(argparse.HelpFormatter):
         super().__init__(prog, width=max(columns - 2, 20))
 
 
-def verbose_option(parser: argparse.ArgumentParser, default: object) -> None:
+def verbose_option(parser: argparse.ArgumentParser, dest: str) -> None:
+    # The command's own count is kept apart: argparse would let it replace
+    # the count given before the command's name.
     parser.add_argument(
         "-v",
         "--verbose",
         action="count",
-        default=default,
+        dest=dest,
+        default=0,
         help="log what atomstore does on standard error (fallbacks, recoveries, "
         "removals); twice for more",
     )
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """How many ``-v`` were given, before and after the command's name."""
+    return int(args.verbose) + int(getattr(args, "command_verbose", 0))
 
 
 def _show_log(verbosity: int) -> None:
@@ -519,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    verbose_option(parser, 0)
+    verbose_option(parser, "verbose")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -533,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
             allow_abbrev=False,
             formatter_class=_Formatter,
         )
-        verbose_option(sub, argparse.SUPPRESS)
+        verbose_option(sub, "command_verbose")
         if changes:
             sub.add_argument(
                 "--no-sync",
@@ -789,7 +797,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cut = arguments.index("--")
         arguments, command = arguments[:cut], arguments[cut + 1 :]
     args = parser.parse_args(arguments)
-    _show_log(args.verbose)
+    _show_log(verbosity(args))
     if command is not None:
         args.command_line = command
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())

@@ -180,22 +180,26 @@ def capabilities(directory: str, device: int | None = None) -> Capabilities:
     if _mounts.changed():
         _cache.clear()
     caps = _cache.get(device)
-    if caps is None:
-        with _lock:
-            caps = _cache.get(device)
-            if caps is None:
-                probed = _probe(directory)
-                if probed is None:
-                    _log.debug(
-                        "%s: no probe could run (not writable): renameat2 flags tried, "
-                        "falling back on their error",
-                        directory,
-                    )
-                    return _ASSUMED if _renameat2.available() else _ASSUMED_WITHOUT_RENAMEAT2
-                caps = _cache[device] = probed
-                if _log.enabled(_log.INFO):
-                    _log.info("%s: %s", directory, describe(caps))
-    return caps
+    if caps is not None:
+        return caps
+    with _lock:
+        caps = _cache.get(device)
+        if caps is not None:
+            return caps
+        probed = _probe(directory)
+        if probed is not None:
+            _cache[device] = probed
+    # Logged once the lock is let go: a handler may use atomstore itself.
+    if probed is None:
+        _log.debug(
+            "%s: no probe could run (not writable): renameat2 flags tried, "
+            "falling back on their error",
+            directory,
+        )
+        return _ASSUMED if _renameat2.available() else _ASSUMED_WITHOUT_RENAMEAT2
+    if _log.enabled(_log.INFO):
+        _log.info("%s: %s", directory, describe(probed))
+    return probed
 
 
 def describe(caps: Capabilities) -> str:

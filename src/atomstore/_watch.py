@@ -122,6 +122,9 @@ def is_remote(path: str) -> bool:
     return kind in _REMOTE_TYPES or kind.startswith("fuse.")
 
 
+# Directories whose polling waits were logged (once each).
+_polling_said: set[str] = set()
+
 # select(2) refuses a timeout beyond what a C long holds: a longer wait is
 # made of waits this long.
 _LONGEST_WAIT = 86400.0
@@ -172,7 +175,8 @@ class Waiter:
             raise
         if poll_interval is None and (self._inotify < 0 or is_remote(directory)):
             poll_interval = default_poll
-            if _log.enabled(_log.INFO):
+            if directory not in _polling_said and _log.enabled(_log.INFO):
+                _polling_said.add(directory)
                 _log.info(
                     "%s: waiting polls every %s s (%s)",
                     directory,

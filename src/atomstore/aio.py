@@ -11,9 +11,9 @@ writes): no thread waits, and nothing polls busily.
 Cancellation leaves nothing behind.  A cancelled call lets the system call
 under way finish in its thread, then undoes what it did: a claim made as
 its caller was cancelled goes back to ``new/`` (no attempt counted), a file
-or batch being written is discarded.  A write already being published
-completes (the destination is then old or new, never torn) before
-:class:`asyncio.CancelledError` is raised.
+or message being written is discarded.  One already being published
+completes (the destination is then the new version; the message is
+delivered) before :class:`asyncio.CancelledError` is raised.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import time
 
 from . import _watch, atomic
 from ._args import seconds
+from ._batch import Batch
+from ._claim import ClaimLostError
 from ._store import FileStore
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
@@ -84,14 +86,55 @@ async def _undoing(
 # -- atomic writes --------------------------------------------------------------------
 
 
-async def write_bytes(path: StrPath, data: bytes | bytearray | memoryview, **options: Any) -> None:
-    """:func:`atomstore.atomic.write_bytes`, awaited."""
-    await _in_thread(atomic.write_bytes, path, data, **options)
+async def write_bytes(
+    path: StrPath,
+    data: bytes | bytearray | memoryview,
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+    follow_symlinks: bool = True,
+    perms: int | None = None,
+) -> None:
+    """:func:`atomstore.atomic.write_bytes`, awaited: written, then
+    published; cancelled while written, nothing is published."""
+    async with file(
+        path,
+        "wb",
+        overwrite=overwrite,
+        durable=durable,
+        follow_symlinks=follow_symlinks,
+        perms=perms,
+    ) as f:
+        await f.write(data)
+        await f.flush()  # written now: what follows publishes it
 
 
-async def write_text(path: StrPath, text: str, **options: Any) -> None:
-    """:func:`atomstore.atomic.write_text`, awaited."""
-    await _in_thread(atomic.write_text, path, text, **options)
+async def write_text(
+    path: StrPath,
+    text: str,
+    encoding: str | None = None,
+    errors: str | None = None,
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+    follow_symlinks: bool = True,
+    perms: int | None = None,
+) -> None:
+    """:func:`atomstore.atomic.write_text`, awaited (newlines written as
+    given)."""
+    async with file(
+        path,
+        "w",
+        overwrite=overwrite,
+        durable=durable,
+        follow_symlinks=follow_symlinks,
+        perms=perms,
+        encoding=encoding,
+        errors=errors,
+        newline="",
+    ) as f:
+        await f.write(text)
+        await f.flush()  # written now: what follows publishes it
 
 
 class AsyncFile:
@@ -102,6 +145,7 @@ class AsyncFile:
 
     @property
     def name(self) -> Any:
+        """The file object's name (a descriptor number for an unnamed file)."""
         return self._raw.name
 
     async def write(self, data: Any) -> int:
@@ -109,20 +153,29 @@ class AsyncFile:
         return await _in_thread(self._raw.write, data)
 
     async def writelines(self, lines: Iterable[Any]) -> None:
+        """Write each of ``lines``, as ``IO.writelines``."""
         await _in_thread(self._raw.writelines, list(lines))
 
     async def flush(self) -> None:
+        """Flush the file object's buffer to the file (not to the disk)."""
         await _in_thread(self._raw.flush)
 
 
 class _AtomicFileContext:
     """The async context manager :func:`file` returns; used once."""
 
-    def __init__(self, writer: Any) -> None:  # an atomic.AtomicFile
-        self._writer = writer
+    def __init__(self, path: StrPath, mode: str, options: dict[str, Any]) -> None:
+        self._args = (path, mode, options)
+        self._writer: Any = None  # the atomic.AtomicFile, made in a thread
+
+    def _open(self) -> IO[Any]:
+        path, mode, options = self._args
+        # atomic.file() looks at the destination: off the loop too.
+        self._writer = atomic.file(path, mode, **options)
+        return self._writer.__enter__()  # type: ignore[no-any-return]
 
     async def __aenter__(self) -> AsyncFile:
-        raw = await _undoing(self._writer.__enter__, self._discard)
+        raw = await _undoing(self._open, self._discard)
         return AsyncFile(raw)
 
     def _discard(self, _raw: object) -> None:
@@ -134,7 +187,19 @@ class _AtomicFileContext:
         await _in_thread(self._writer.__exit__, exc_type, exc, tb)
 
 
-def file(path: StrPath, mode: str = "w", **options: Any) -> _AtomicFileContext:
+def file(
+    path: StrPath,
+    mode: str = "w",
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+    follow_symlinks: bool = True,
+    perms: int | None = None,
+    buffering: int = -1,
+    encoding: str | None = None,
+    errors: str | None = None,
+    newline: str | None = None,
+) -> _AtomicFileContext:
     """:func:`atomstore.atomic.file` as an async context manager::
 
         async with aio.file("report.csv") as f:
@@ -142,9 +207,20 @@ def file(path: StrPath, mode: str = "w", **options: Any) -> _AtomicFileContext:
 
     The file is published when the block ends normally; an exception
     (cancellation included) discards it and leaves the destination as it
-    was.
+    was.  The destination is looked at, and a bad argument refused, when
+    the block is entered.
     """
-    return _AtomicFileContext(atomic.file(path, mode, **options))
+    options = {
+        "overwrite": overwrite,
+        "durable": durable,
+        "follow_symlinks": follow_symlinks,
+        "perms": perms,
+        "buffering": buffering,
+        "encoding": encoding,
+        "errors": errors,
+        "newline": newline,
+    }
+    return _AtomicFileContext(path, mode, options)
 
 
 # -- the store ---------------------------------------------------------------------
@@ -164,44 +240,58 @@ class AsyncClaim:
 
     @property
     def name(self) -> str:
+        """The message's unique name, the same on every attempt."""
         return self.claim.name
 
     @property
     def path(self) -> str:
+        """Where the claimed file is now, in ``cur/``."""
         return self.claim.path
 
     @property
     def attempts(self) -> int:
+        """Earlier claims of it that ended without :meth:`finish`."""
         return self.claim.attempts
 
     @property
     def claimed_at(self) -> float:
+        """When it was claimed, seconds since the epoch."""
         return self.claim.claimed_at
 
     async def read_bytes(self) -> bytes:
+        """The message's bytes (:meth:`atomstore.Claim.read_bytes`)."""
         return await _in_thread(self.claim.read_bytes)
 
     async def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        """The message as text (:meth:`atomstore.Claim.read_text`)."""
         return await _in_thread(self.claim.read_text, encoding, errors)
 
     async def finish(self) -> None:
+        """Remove the message: done (:meth:`atomstore.Claim.finish`)."""
         await _in_thread(self.claim.finish)
 
     async def release(self, *, count_attempt: bool = True, delay: Duration | None = None) -> str:
+        """Give the message back (:meth:`atomstore.Claim.release`); its new path."""
         return await _in_thread(self.claim.release, count_attempt=count_attempt, delay=delay)
 
     async def renew(self) -> None:
+        """Extend the lease from now (:meth:`atomstore.Claim.renew`)."""
         await _in_thread(self.claim.renew)
 
     async def __aenter__(self) -> AsyncClaim:
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """Finish when the block ends normally, release when it raises."""
+        """Finish when the block ends normally, release when it raises (a
+        cancellation gives it back uncounted).  A claim lost meanwhile has
+        nothing to give back: the block's own exception goes on."""
         if exc_type is None:
             await self.finish()
-        else:
+            return
+        try:
             await self.release(count_attempt=not issubclass(exc_type, asyncio.CancelledError))
+        except ClaimLostError:
+            pass
 
 
 def _give_back(claim: Claim) -> None:
@@ -228,30 +318,45 @@ class AsyncFileStore:
 
     @property
     def path(self) -> str:
+        """The store's directory, absolute."""
         return self.store.path
 
     async def prepare(self) -> None:
+        """Create the areas (:meth:`atomstore.FileStore.prepare`)."""
         await _in_thread(self.store.prepare)
 
     async def add(
         self, data: Data, encoding: str = "utf-8", *, delay: Duration | None = None
     ) -> str:
-        """:meth:`atomstore.FileStore.add`, awaited.  Cancelled while the message is
-        written, it is discarded; cancelled as it is published, the message
-        is delivered before :class:`asyncio.CancelledError` is raised."""
-        return await _in_thread(self.store.add, data, encoding, delay=delay)
+        """:meth:`atomstore.FileStore.add`, awaited: written, then published.
+        Cancelled while the message is written, it is discarded; cancelled
+        as it is published, it is delivered before
+        :class:`asyncio.CancelledError` is raised."""
+        return (await self._deliver([data], encoding, delay))[0]
 
     async def add_many(
         self, items: Iterable[Data], encoding: str = "utf-8", *, delay: Duration | None = None
     ) -> list[str]:
-        """:meth:`atomstore.FileStore.add_many`, awaited: all or none, a cancellation
-        included."""
-        return await _in_thread(self.store.add_many, list(items), encoding, delay=delay)
+        """:meth:`atomstore.FileStore.add_many`, awaited: all or none, a
+        cancellation included (as :meth:`add`)."""
+        return await self._deliver(list(items), encoding, delay)
+
+    async def _deliver(self, items: list[Data], encoding: str, delay: Duration | None) -> list[str]:
+        batch = self.store.batch()
+
+        def stage() -> Batch:
+            for data in items:
+                batch.add(data, encoding, delay=delay)
+            return batch
+
+        await _undoing(stage, Batch.discard)
+        return await _in_thread(batch.commit)
 
     async def claim(
         self, wait: Duration | None = None, *, oldest: bool = True
     ) -> AsyncClaim | None:
-        """:meth:`atomstore.FileStore.claim`, awaited; ``wait`` waits on the loop.
+        """:meth:`atomstore.FileStore.claim`, awaited; ``wait`` waits on the
+        loop.
 
         :returns: the claim, or None when nothing came in time.
         """
@@ -259,7 +364,7 @@ class AsyncFileStore:
         if claim is not None or not wait:
             return claim
         deadline = time.monotonic() + seconds(wait, "wait")
-        waiter = self.store._waiter()
+        waiter = await _in_thread(self.store._waiter)
         try:
             while True:
                 claim = await self._claim_once(oldest, waiting=True)
@@ -281,7 +386,7 @@ class AsyncFileStore:
         claim = await _undoing(func, _give_back)
         return None if claim is None else AsyncClaim(claim)
 
-    async def claims(self, *, timeout: Duration | None = None) -> AsyncIterator[AsyncClaim]:
+    def claims(self, *, timeout: Duration | None = None) -> AsyncIterator[AsyncClaim]:
         """Claims as messages arrive, until none came for ``timeout``
         seconds (for ever by default)::
 
@@ -290,7 +395,10 @@ class AsyncFileStore:
                     await handle(await claim.read_bytes())
         """
         patience = None if timeout is None else seconds(timeout, "timeout")
-        waiter = self.store._waiter()
+        return self._claims(patience)
+
+    async def _claims(self, patience: float | None) -> AsyncIterator[AsyncClaim]:
+        waiter = await _in_thread(self.store._waiter)
         try:
             while True:
                 deadline = None if patience is None else time.monotonic() + patience
@@ -307,12 +415,15 @@ class AsyncFileStore:
             waiter.close()
 
     async def recover(self, older_than: Duration) -> list[str]:
+        """Give back claims older than a lease (:meth:`atomstore.FileStore.recover`)."""
         return await _in_thread(self.store.recover, older_than)
 
     async def clean(self, older_than: Duration = atomic.DEFAULT_STALE_AGE) -> list[str]:
+        """Remove what crashes left (:meth:`atomstore.FileStore.clean`)."""
         return await _in_thread(self.store.clean, older_than)
 
     async def stats(self) -> dict[str, dict[str, Any]]:
+        """Counts and ages per area (:meth:`atomstore.FileStore.stats`)."""
         return await _in_thread(self.store.stats)
 
 
@@ -332,5 +443,6 @@ async def _wait(waiter: _watch.Waiter, timeout: float | None) -> None:
     finally:
         for fd in fds:
             loop.remove_reader(fd)
-    # Which woke it does not matter: both are emptied without blocking.
-    waiter.woken(fds if woken.is_set() else [])
+    # Which woke it does not matter: both are emptied without blocking.  A
+    # look at the path follows (a stat: off the loop).
+    await _in_thread(waiter.woken, fds if woken.is_set() else [])
