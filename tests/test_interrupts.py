@@ -177,3 +177,31 @@ def _alive(fd: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_a_signal_handler_that_adds_while_a_name_is_given_does_not_hang(tmp_path: Path) -> None:
+    """The clock lock of unique names is re-entrant: a handler (a SIGTERM
+    that queues a last message, say) runs in the thread it interrupted,
+    which may be giving a name at that moment."""
+    import subprocess
+    import sys
+
+    script = (
+        "import signal, sys\n"
+        "from atomstore import FileStore, _info\n"
+        "s = FileStore(sys.argv[1], durable=False); s.prepare()\n"
+        "signal.signal(signal.SIGALRM, lambda *a: s.add(b'from a handler'))\n"
+        "clock, fired = _info.time.time_ns, []\n"
+        "def ticking():\n"
+        "    if not fired:\n"
+        "        fired.append(1)\n"
+        "        signal.raise_signal(signal.SIGALRM)  # while the name is given\n"
+        "    return clock()\n"
+        "_info.time.time_ns = ticking\n"
+        "s.add(b'interrupted')\n"
+        "print(sorted(open(p, 'rb').read().decode() for p in s.list('new')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout == "['from a handler', 'interrupted']\n", done.stderr

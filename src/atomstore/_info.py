@@ -28,7 +28,9 @@ _pid = os.getpid()
 # The last time a name was given, in microseconds: a process never gives a
 # name older than its previous one, even when the clock is set back.
 _last_us = 0
-_clock_lock = threading.Lock()
+# Re-entrant: a signal handler or a finalizer that adds a message while
+# this thread gives a name must not wait for itself.
+_clock_lock = threading.RLock()
 # Guards against a pid reused (containers) and a clock set back; drawn once
 # per process, since the counter already separates a process's names.
 _random = _names.random_hex(8)
@@ -38,7 +40,7 @@ def _reset_after_fork() -> None:
     global _pid, _random, _clock_lock
     _pid = os.getpid()
     _random = _names.random_hex(8)
-    _clock_lock = threading.Lock()
+    _clock_lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):
