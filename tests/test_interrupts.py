@@ -205,3 +205,33 @@ def test_a_signal_handler_that_adds_while_a_name_is_given_does_not_hang(tmp_path
         [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=30
     )
     assert done.stdout == "['from a handler', 'interrupted']\n", done.stderr
+
+
+def test_names_given_through_a_storm_of_interrupts_never_hang(tmp_path: Path) -> None:
+    """Python 3.9 can leave the lock of a ``with`` block held when a
+    KeyboardInterrupt strikes: unique names take no lock at all."""
+    import subprocess
+    import sys
+
+    script = (
+        "import random, signal, time\n"
+        "from atomstore import _info\n"
+        "def fire(*a):\n"
+        "    raise KeyboardInterrupt\n"
+        "signal.signal(signal.SIGALRM, fire)\n"
+        "rng, names, end = random.Random(1), [], time.monotonic() + 2\n"
+        "while time.monotonic() < end:\n"
+        "    try:\n"
+        "        signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 2e-5))\n"
+        "        for _ in range(50):\n"
+        "            names.append(_info.unique_name('h'))\n"
+        "        signal.setitimer(signal.ITIMER_REAL, 0)\n"
+        "    except KeyboardInterrupt:\n"
+        "        pass\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0)\n"
+        "print(len(names) > 1000, names == sorted(names), len(set(names)) == len(names))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout == "True True True\n", done.stderr

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
 
 from . import _names
@@ -26,21 +25,22 @@ _VERSION = "1,"
 _counter = itertools.count()
 _pid = os.getpid()
 # The last time a name was given, in microseconds: a process never gives a
-# name older than its previous one, even when the clock is set back.
-_last_us = 0
-# Re-entrant: a signal handler or a finalizer that adds a message while
-# this thread gives a name must not wait for itself.
-_clock_lock = threading.RLock()
+# name older than its previous one, even when the clock is set back.  No
+# lock guards it: a KeyboardInterrupt can leave a lock of a ``with`` block
+# held on Python 3.9 (it strikes between the acquire and the block), and a
+# signal handler that adds a message would wait for its own thread.  Two
+# threads racing may both take the same microsecond; the counter keeps
+# their names apart.
+_last_us = [0]
 # Guards against a pid reused (containers) and a clock set back; drawn once
 # per process, since the counter already separates a process's names.
 _random = _names.random_hex(8)
 
 
 def _reset_after_fork() -> None:
-    global _pid, _random, _clock_lock
+    global _pid, _random
     _pid = os.getpid()
     _random = _names.random_hex(8)
-    _clock_lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -69,13 +69,12 @@ def unique_name(host: str) -> str:
     microsecond of its own, later than the last one's even if the clock was
     set back meanwhile.
     """
-    global _last_us
-    with _clock_lock:
-        now = time.time_ns() // 1000
-        if now <= _last_us:
-            now = _last_us + 1
-        _last_us = now
-        count = next(_counter)
+    count = next(_counter)  # first: threads' names apart whatever follows
+    now = time.time_ns() // 1000
+    last = _last_us[0]
+    if now <= last:
+        now = last + 1
+    _last_us[0] = now
     seconds, micros = divmod(now, 1_000_000)
     return f"{seconds}.M{micros:06d}P{_pid}Q{count}R{_random}.{host}"
 
