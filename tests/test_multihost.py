@@ -78,7 +78,7 @@ def test_names_from_two_hosts_differ_when_pid_clock_and_counter_coincide(
     monkeypatch.setattr(time, "time_ns", lambda: 1_700_000_000_123_456_000)
     monkeypatch.setattr("atomstore._names.random_hex", lambda digits: "0123456789ab"[:digits])
     monkeypatch.setattr(os, "getpid", lambda: 4242)
-    monkeypatch.setattr("atomstore._info._last_us", 0)  # no name given yet
+    monkeypatch.setattr("atomstore._info._last_us", [0])  # no name given yet
 
     def name_in_child(hostname: str) -> str:
         read, write = os.pipe()
