@@ -34,6 +34,33 @@ def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def slowed(trace: Recorder, name: str, when: Any = lambda *args: True) -> threading.Event:
+    """Make the boundary call ``name`` sleep 0.3 s (where ``when(*args)``)
+    in its thread; the event is set as it starts."""
+    started = threading.Event()
+    real = getattr(os, name)
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        if when(*args):
+            started.set()
+            time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    trace.replace[name] = slow
+    return started
+
+
+async def cancelled_once(coroutine: Coroutine[Any, Any, Any], started: threading.Event) -> None:
+    """Run ``coroutine`` as a task, cancel it once ``started`` is set, and
+    expect it to end cancelled."""
+    task = asyncio.create_task(coroutine)
+    while not started.is_set():
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def prepared(path: Path, **options: Any) -> aio.AsyncFileStore:
     store = aio.AsyncFileStore(path, durable=False, **options)
     await store.prepare()
@@ -101,29 +128,14 @@ def test_a_cancelled_block_publishes_nothing(tmp_path: Path) -> None:
 
 
 def test_a_block_cancelled_as_it_opens_leaves_nothing(tmp_path: Path, trace: Recorder) -> None:
-    opening = threading.Event()
-
-    def slow_open(*args: Any, **kwargs: Any) -> int:
-        opening.set()
-        time.sleep(0.3)
-        return os.open(*args, **kwargs)
-
-    trace.replace["open"] = slow_open
+    opening = slowed(trace, "open")
 
     async def writer() -> None:
         async with aio.file(tmp_path / "f") as f:
             await f.write("never")
 
-    async def main() -> None:
-        task = asyncio.create_task(writer())
-        while not opening.is_set():
-            await asyncio.sleep(0.005)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
     before = open_descriptors()
-    run(main())
+    run(cancelled_once(writer(), opening))
     assert os.listdir(tmp_path) == []
     assert open_descriptors() == before
 
@@ -135,25 +147,8 @@ def test_a_write_cancelled_in_its_thread_is_whole_or_absent(
     """The system call under way finishes; then a file being written is
     discarded, one being published (its fsync) is all there, and no
     temporary file is left."""
-    call = "write" if moment == "while writing" else "fsync"
-    slow = threading.Event()
-
-    def sleepy(func: Any, *args: Any, **kwargs: Any) -> Any:
-        slow.set()
-        time.sleep(0.3)
-        return func(*args, **kwargs)
-
-    trace.replace[call] = lambda *a, **k: sleepy(getattr(os, call), *a, **k)
-
-    async def main() -> None:
-        task = asyncio.create_task(aio.write_bytes(tmp_path / "f", b"x" * 200_000))
-        while not slow.is_set():
-            await asyncio.sleep(0.005)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    run(main())
+    started = slowed(trace, "write" if moment == "while writing" else "fsync")
+    run(cancelled_once(aio.write_bytes(tmp_path / "f", b"x" * 200_000), started))
     if moment == "while writing":
         assert os.listdir(tmp_path) == []
     else:
@@ -337,25 +332,12 @@ def test_a_claim_made_as_its_caller_was_cancelled_goes_back(
 ) -> None:
     """The rename into cur/ is under way in its thread when the caller is
     cancelled: it completes, and the claim is given back uncounted."""
-    renaming = threading.Event()
-
-    def slow_rename(src: str, dst: str) -> None:
-        if "/cur/" in dst:
-            renaming.set()
-            time.sleep(0.3)
-        os.rename(src, dst)
-
-    trace.replace["rename"] = slow_rename
+    renaming = slowed(trace, "rename", lambda src, dst: "/cur/" in dst)
 
     async def main() -> None:
         store = await prepared(tmp_path)
         await store.add(b"m")
-        task = asyncio.create_task(store.claim())
-        while not renaming.is_set():
-            await asyncio.sleep(0.005)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancelled_once(store.claim(), renaming)
 
     run(main())
     assert os.listdir(tmp_path / "cur") == []

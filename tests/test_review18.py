@@ -19,37 +19,20 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from atomstore import FileStore, _cli, _rename, aio
+from test_aio import cancelled_once, slowed
 from tracing import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cancel_while_writing(trace: Recorder, coro_factory: Any) -> None:
-    writing = threading.Event()
-
-    def slow_write(fd: int, data: Any) -> int:
-        writing.set()
-        time.sleep(0.3)
-        return os.write(fd, data)
-
-    trace.replace["write"] = slow_write
-
-    async def main() -> None:
-        task = asyncio.create_task(coro_factory())
-        while not writing.is_set():
-            await asyncio.sleep(0.001)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(main())
+    asyncio.run(cancelled_once(coro_factory(), slowed(trace, "write")))
 
 
 def test_write_bytes_cancelled_while_writing_is_discarded(tmp_path: Path, trace: Recorder) -> None:
