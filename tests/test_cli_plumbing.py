@@ -269,7 +269,7 @@ def test_interrupted_commands_leave_nothing_behind(
 ) -> None:
     rng = random.Random(1)
     payload = tmp_path / "payload"
-    payload.write_bytes(os.urandom(4 << 20))  # a few milliseconds of work to land in
+    payload.write_bytes(os.urandom(16 << 20))  # tens of milliseconds of work to land in
     statuses: dict[int, int] = {}
     dest_dir = tmp_path / "dest"
     dest_dir.mkdir()
