@@ -149,14 +149,10 @@ def finish(root: str, new_dir: str, durable: bool) -> str:
 
     :returns: :data:`NONE`, :data:`SETTLING` or :data:`STUCK`.
     """
-    hidden = f"{root}/{SHRINK_NAME}"
-    try:
-        st = os.lstat(hidden)
-        owner = os.lstat(new_dir).st_uid
-    except OSError:
+    found = _old_new(root, new_dir)
+    if found is None:
         return NONE
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner:
-        return NONE  # not one of ours: never followed, never emptied
+    hidden, st = found
     age = time.time() - st.st_ctime
     if 0 <= age < GRACE or -1 < age < 0:
         # Being swapped right now: its consumer moves it back.  (Changed
@@ -168,15 +164,25 @@ def finish(root: str, new_dir: str, durable: bool) -> str:
     return NONE if _remove_if_empty(hidden) else STUCK
 
 
-def waiting_in_old_new(root: str, new_dir: str) -> list[str]:
-    """The visible names an old ``new/`` of the owner of ``new_dir`` still
-    holds (none, usually: one ``lstat``)."""
+def _old_new(root: str, new_dir: str) -> tuple[str, os.stat_result] | None:
+    """The old ``new/`` beside the areas, if there is one of the owner of
+    ``new_dir``: anything else at its name is never followed nor emptied."""
     hidden = f"{root}/{SHRINK_NAME}"
     try:
         st = os.lstat(hidden)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.lstat(new_dir).st_uid:
-            return []
-        return [name for name in os.listdir(hidden) if name[:1] != "."]
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.lstat(new_dir).st_uid:
+            return hidden, st
+    except OSError:
+        pass
+    return None
+
+
+def waiting_in_old_new(root: str, new_dir: str) -> list[str]:
+    """The visible names an old ``new/`` still holds (none, usually: one
+    ``lstat``)."""
+    found = _old_new(root, new_dir)
+    try:
+        return [] if found is None else [n for n in os.listdir(found[0]) if n[:1] != "."]
     except OSError:
         return []
 
