@@ -1,17 +1,20 @@
-"""Several hosts sharing one store through sshfs: the harness of the tests.
+"""Several hosts sharing one store through a network filesystem: the harness.
 
-A *file server* network namespace runs an sshd of its own (its config, host
-key and authorized key generated under the test's directory; it listens only
-on the server's private addresses).  Each *host* is a network namespace
-linked to the server by a veth pair on a /24 of its own (10.231.<i>.0/24:
-the server is .1, the host .2).  A host runs ``multihost_worker.py`` in UTS
-and PID namespaces of its own: its own hostname, and pids that start at 1,
-so two hosts' processes have the same pids, as containers do.  The worker
-mounts the server's export with sshfs and runs the jobs below its mount.
+A *file server* network namespace runs the servers of an engine
+(``multihost_engines.py``: sshfs's sshd, GlusterFS, JuiceFS and Redis...),
+listening only on the server's private addresses.  Each *host* is a network
+namespace linked to the server by a veth pair on a /24 of its own
+(10.231.<i>.0/24: the server is .1, the host .2).  A host runs
+``multihost_worker.py`` in UTS and PID namespaces of its own: its own
+hostname, and pids that start at 1, so two hosts' processes have the same
+pids, as containers do.  The worker mounts the shared filesystem with the
+engine's client and runs the jobs below its mount.
 
-The server's export is a directory on this machine, so the test reads what
-is "on the server" directly.  Everything the cluster starts runs in its
-namespaces and is killed, and the namespaces deleted, when it closes.
+The test reads what is "on the server" through :meth:`Cluster.store_dir`:
+the exported directory itself (sshfs), or an *observer*, a client of the
+engine's without caches, mounted from the server's network namespace.
+Everything the cluster starts runs in its namespaces and is killed, its
+mounts released and the namespaces deleted, when it closes.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,60 +33,43 @@ from pathlib import Path
 from typing import Any, Callable
 
 import needs
+from multihost_engines import (
+    ENGINES,
+    FRESH,
+    SERVICE_ADDRESS,
+    STALE,
+    Engine,
+    Mount,
+    command,
+    run,
+    tool,
+)
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 HOSTNAMES = ("alpha", "beta:2", "gamma/3")  # two need escaping in unique names
-_SBIN = os.pathsep.join(("/usr/local/sbin", "/usr/sbin", "/sbin"))
-
-# Fail within seconds, not hang, when the server cannot be reached: a dead
-# connection is dropped after ServerAliveInterval * ServerAliveCountMax, and
-# sshfs's reconnect then finds the route gone (or gives up on ConnectTimeout).
+FRESH_LISTINGS = Mount(FRESH)
+STALE_CACHES = Mount(STALE)
+# sshfs fails within seconds, not hangs, when the server cannot be reached:
+# a dead connection is dropped after ServerAliveInterval * ServerAliveCountMax,
+# and sshfs's reconnect then finds the route gone (or gives up on
+# ConnectTimeout).
 SSH_OPTIONS = {
     "BatchMode": "yes",
     "ConnectTimeout": "2",
     "ServerAliveInterval": "1",
     "ServerAliveCountMax": "2",
 }
-# sshfs's own caches are left on (they are what a user gets), but its
-# directory cache would hide another host's new messages for 20 s.
-FRESH_LISTINGS = ("reconnect", "dir_cache=no")
-# Everything cached for a minute: stale listings, stale names, stale
-# attributes.  Only the server's rename may decide who owns a message.
-STALE_CACHES = (
-    "reconnect",
-    "dir_cache=yes",
-    "dcache_timeout=60",
-    "entry_timeout=60",
-    "attr_timeout=60",
-    "negative_timeout=60",
-)
 
 _tags = itertools.count()
 
 
-def tool(name: str) -> str | None:
-    """The path of a system tool, looking in the sbin directories too."""
-    return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + _SBIN)
-
-
-def need_hosts() -> None:
-    """Skip (or fail in CI) unless namespaces, sshd and sshfs can be had."""
+def need_hosts(engine: Engine) -> None:
+    """Skip (or fail in CI) unless namespaces and the engine can be had."""
     needs.need_root()
-    for name in ("ip", "unshare", "sshd", "ssh", "ssh-keygen", "sshfs", "umount"):
+    for name in ("ip", "unshare", "nsenter", "umount"):
         needs.need(tool(name) is not None, f"needs {name} (tests/provision.sh installs it)")
     needs.need_device("/dev/fuse")
-
-
-def _command(name: str, *args: str) -> list[str]:
-    """A command line with the tool's full path: sbin may be off the PATH."""
-    return [tool(name) or name, *args]
-
-
-def _run(*command: str) -> str:
-    done = subprocess.run(_command(*command), capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
-    return done.stdout
+    engine.need()
 
 
 @dataclass(frozen=True)
@@ -210,8 +195,9 @@ class Run:
 class Cluster:
     """A file server and ``count`` hosts; use :func:`cluster` to make one."""
 
-    def __init__(self, root: Path, count: int) -> None:
+    def __init__(self, root: Path, count: int, engine: Engine) -> None:
         self.root = root
+        self.engine = engine
         self.export = root / "export"
         self.export.mkdir()
         tag = f"{os.getpid() % 100000}x{next(_tags)}"
@@ -230,37 +216,89 @@ class Cluster:
         ]
         self._namespaces: list[str] = []
         self._processes: list[subprocess.Popen[bytes]] = []
+        self._mounts: list[Path] = []
         self._runs = itertools.count()
         self._keys = root / "keys"
+        self.view = self.export
 
     # -- set up ----------------------------------------------------------
 
     def start(self) -> None:
         self._make_network()
+        self.engine.start(self)
+        if not self.engine.direct_view:
+            self.view = self._mount_observer()
+
+    def spawn_server(self, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+        """Start a server in the server's namespaces (network, mount, PID).
+
+        Its PID namespace ends whatever it starts when it ends.
+        """
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [
+                    *command("ip", "netns", "exec", self.server_netns),
+                    *command("unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *argv),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        self._processes.append(process)
+        return process
+
+    def _mount_observer(self) -> Path:
+        """Mount the engine's client, without caches, where the test sees it."""
+        path = self.root / "observer"
+        path.mkdir()
+        log = self.root / "observer.log"
+        argv = self.engine.client(self, None, path, FRESH_LISTINGS)
+        with open(log, "ab") as out:
+            # Only the network namespace is the server's: the mount is made
+            # in the test's own mount namespace.
+            process = subprocess.Popen(
+                [*command("nsenter", f"--net=/run/netns/{self.server_netns}"), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        self._processes.append(process)
+        self._mounts.append(path)
+        wait_for_mount(path, process, log)
+        return path
+
+    def start_sshd(self) -> None:
+        """sshfs's server: an sshd of the test's own, and its keys."""
         self._make_keys()
         self._start_sshd()
 
     def _make_network(self) -> None:
         for netns in [self.server_netns] + [h.netns for h in self.hosts]:
-            _run("ip", "netns", "add", netns)
+            run("ip", "netns", "add", netns)
             self._namespaces.append(netns)
-            _run(*f"ip -n {netns} link set lo up".split())
+            run(*f"ip -n {netns} link set lo up".split())
         server = self.server_netns
         for h in self.hosts:
-            _run(
+            run(
                 *f"ip link add {h.device} netns {h.netns} type veth"
                 f" peer name {h.server_device} netns {server}".split()
             )
-            _run(*f"ip -n {server} addr add {h.server_address}/24 dev {h.server_device}".split())
-            _run(*f"ip -n {h.netns} addr add {h.address}/24 dev {h.device}".split())
-            _run(*f"ip -n {server} link set {h.server_device} up".split())
-            _run(*f"ip -n {h.netns} link set {h.device} up".split())
+            run(*f"ip -n {server} addr add {h.server_address}/24 dev {h.server_device}".split())
+            run(*f"ip -n {h.netns} addr add {h.address}/24 dev {h.device}".split())
+            run(*f"ip -n {server} link set {h.server_device} up".split())
+            run(*f"ip -n {h.netns} link set {h.device} up".split())
+            run(*f"ip -n {h.netns} route add {SERVICE_ADDRESS}/32 via {h.server_address}".split())
+        # The address the server's services name themselves by (GlusterFS's
+        # brick): every host reaches it through its own link.
+        run(*f"ip -n {server} addr add {SERVICE_ADDRESS}/32 dev lo".split())
 
     def _make_keys(self) -> None:
         self._keys.mkdir()
         for key in ("server", "client"):
             path = self._keys / key
-            _run(
+            run(
                 "ssh-keygen",
                 "-q",
                 "-t",
@@ -320,19 +358,7 @@ class Cluster:
             f'exec "{sshd}" -D -e -f "{config}"'
         )
         self.sshd_log = self.root / "sshd.log"
-        with open(self.sshd_log, "wb") as log:
-            process = subprocess.Popen(
-                [
-                    *_command("ip", "netns", "exec", self.server_netns),
-                    # A PID namespace of its own reaps (and ends) sshd's sessions.
-                    *_command("unshare", "--pid", "--fork", "--kill-child", "sh", "-c", script),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        self._processes.append(process)
+        process = self.spawn_server(["sh", "-c", script], self.sshd_log)
         deadline = time.monotonic() + 10
         while not self._listening(process.pid):
             if process.poll() is not None or time.monotonic() > deadline:
@@ -355,23 +381,23 @@ class Cluster:
 
     def store_dir(self, name: str = "store") -> Path:
         """The store's directory as the server sees it."""
-        return self.export / name
+        return self.view / name
 
     def set_link(self, host: Host, up: bool) -> None:
         """Take the host's end of its link down, or bring it back."""
-        _run("ip", "-n", host.netns, "link", "set", host.device, "up" if up else "down")
+        run("ip", "-n", host.netns, "link", "set", host.device, "up" if up else "down")
 
     def launch(
         self,
         jobs: dict[Host, Sequence[Job]],
         *,
-        mounts: dict[str, Sequence[str]] | None = None,
+        mounts: dict[str, Mount] | None = None,
     ) -> Run:
         """Start the hosts' workers: each mounts, then waits for :meth:`Run.go`.
 
-        :param mounts: sshfs options by mount name; a job's ``store`` param is
-            ``<mount name>/<path on the export>``.  By default one mount,
-            ``main``, with fresh listings.
+        :param mounts: how each host mounts, by mount name; a job's ``store``
+            param is ``<mount name>/<path on the export>``.  By default one
+            mount, ``main``, with fresh caches.
         """
         mounts = {"main": FRESH_LISTINGS} if mounts is None else mounts
         directory = self.root / f"run{next(self._runs)}"
@@ -379,17 +405,18 @@ class Cluster:
         run = Run(directory, {}, {}, {})
         for host, host_jobs in jobs.items():
             home = directory / host.device
-            mount_specs = []
-            for name, options in mounts.items():
-                (home / name).mkdir(parents=True)
+            mount_specs: list[dict[str, Any]] = []
+            for name, how in mounts.items():
+                path = home / name
+                path.mkdir(parents=True)
                 mount_specs.append(
                     {
-                        "path": str(home / name),
-                        "remote": f"{host.server_address}:{self.export}",
-                        "options": list(options),
-                        "ssh_config": str(self.ssh_config),
-                        "sshfs": tool("sshfs") or "sshfs",
-                        "log": str(directory / f"{host.device}.sshfs.log"),
+                        "path": str(path),
+                        "command": self.engine.client(self, host, path, how),
+                        "log": str(directory / f"{host.device}.{name}.log"),
+                        "kill": run.flag(f"kill-client-{host.device}"),
+                        "pids_from": 10_000 * (host.index + 1) + 1000 * len(mount_specs),
+                        "remounted": run.flag(f"remounted-{host.device}"),
                     }
                 )
             job_specs = []
@@ -432,8 +459,8 @@ class Cluster:
             with open(log, "wb") as out:
                 agent = subprocess.Popen(
                     [
-                        *_command("ip", "netns", "exec", host.netns),
-                        *_command("unshare", "--uts", "--pid", "--fork", "--mount-proc"),
+                        *command("ip", "netns", "exec", host.netns),
+                        *command("unshare", "--uts", "--pid", "--fork", "--mount-proc"),
                         *("--kill-child", sys.executable, str(WORKER), str(spec_path)),
                     ],
                     stdin=subprocess.DEVNULL,
@@ -457,23 +484,36 @@ class Cluster:
             # Whatever still runs inside: a safety net, as every process
             # the cluster starts ends with the pid 1 of its namespace.
             pids = subprocess.run(
-                _command("ip", "netns", "pids", netns), capture_output=True, text=True, check=False
+                command("ip", "netns", "pids", netns), capture_output=True, text=True, check=False
             ).stdout.split()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
         for process in self._processes:
             process.wait()
+        for path in self._mounts:
+            # A FUSE mount whose server was killed stays until unmounted.
+            subprocess.run(command("umount", "-l", str(path)), capture_output=True, check=False)
         for netns in reversed(self._namespaces):
-            subprocess.run(_command("ip", "netns", "del", netns), capture_output=True, check=False)
+            subprocess.run(command("ip", "netns", "del", netns), capture_output=True, check=False)
         self._namespaces.clear()
 
 
+def wait_for_mount(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(path):
+        if process.poll() is not None or time.monotonic() > deadline:
+            text = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise RuntimeError(f"mounting {path} failed (exit {process.poll()}):\n{text}")
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
-def cluster(root: Path, count: int) -> Iterator[Cluster]:
+def cluster(root: Path, count: int, engine: str = "sshfs") -> Iterator[Cluster]:
     """A running file server and ``count`` hosts, torn down on exit."""
-    need_hosts()
-    made = Cluster(root, count)
+    chosen = ENGINES[engine]
+    need_hosts(chosen)
+    made = Cluster(root, count, chosen)
     try:
         made.start()
         yield made

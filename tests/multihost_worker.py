@@ -3,8 +3,8 @@
 ``tests/multihost.py`` starts this script inside a host's network, UTS and
 PID namespaces as ``python multihost_worker.py SPEC.json``.  It names the
 host, forks one process per job (before mounting, so that the job processes
-get the same small pids on every host), mounts the server's directory with
-sshfs, says it is ready, and lets the jobs start when the test says go.
+get the same small pids on every host), mounts the shared filesystem with
+the engine's client, says it is ready, and lets the jobs start when the test says go.
 Each job writes its result as JSON to the test's local disk; the mounts are
 released when the jobs are done.
 
@@ -333,6 +333,39 @@ def probe(store: FileStore, job: Spec) -> Result:
     }
 
 
+def race(store: FileStore, job: Spec) -> Result:
+    """Run one side of each round of same-operation races (``test_races``).
+
+    Each round names a store below ``store`` and what to do there; the jobs
+    of every host start a round together, at a barrier of flag files.
+    """
+    import test_races  # the jobs and records of the one-machine races
+
+    ops: dict[str, Callable[..., list[test_races.Record]]] = {
+        "recover": lambda ids, names, s: test_races.recover_job(ids, s),
+        "release": test_races.release_job,
+        "finish": test_races.finish_job,
+        "requeue": test_races.requeue_job,
+    }
+    rounds = []
+    for number, spec in enumerate(job["rounds"]):
+        target = FileStore(
+            os.path.join(os.path.dirname(store.path), spec["store"]),
+            max_attempts=spec["max_attempts"],
+        )
+        barrier = os.path.join(job["barrier"], str(number))
+        os.makedirs(barrier, exist_ok=True)
+        atomic.write_text(os.path.join(barrier, job["name"]), "", overwrite=True)
+        deadline = time.monotonic() + 60
+        while len(os.listdir(barrier)) < job["parties"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"round {number}: the other hosts did not come")
+            time.sleep(0.001)
+        records = ops[spec["op"]](spec["ids"], spec["names"], target)
+        rounds.append([r.to_json() for r in records])
+    return {"rounds": rounds}
+
+
 JOBS: dict[str, Callable[[FileStore, Spec], Result]] = {
     "produce": produce,
     "consume": consume,
@@ -340,6 +373,7 @@ JOBS: dict[str, Callable[[FileStore, Spec], Result]] = {
     "wait_for_others": wait_for_others,
     "add_when_ready": add_when_ready,
     "probe": probe,
+    "race": race,
 }
 
 
@@ -378,20 +412,25 @@ def fork_jobs(jobs: list[Spec], go: str) -> dict[int, Spec]:
 
 
 def mount(spec: Spec) -> subprocess.Popen[bytes]:
-    """Mount the server's directory at spec["path"] with sshfs, in the foreground."""
+    """Run the engine's client, which mounts at spec["path"] in the foreground.
+
+    The client's pid is from a range of this host's own: the hosts share
+    ``/tmp``, where a client may name a file by its pid (JuiceFS's
+    ``/tmp/fuse_fd_comm.<pid>``), and their pid namespaces give the same pids.
+    """
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(spec["pids_from"]))
+    spec["pids_from"] += 100
     log = open(spec["log"], "ab")  # noqa: SIM115 - the child keeps it
-    command = [spec["sshfs"], "-f", "-F", spec["ssh_config"], spec["remote"], spec["path"]]
-    for option in spec["options"]:
-        command += ["-o", option]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    process = subprocess.Popen(spec["command"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     log.close()
     deadline = time.monotonic() + _MOUNT_TIMEOUT
     while not os.path.ismount(spec["path"]):
         if process.poll() is not None:
-            raise OSError(errno.EIO, f"sshfs exited with {process.returncode}", spec["path"])
+            raise OSError(errno.EIO, f"the client exited with {process.returncode}", spec["path"])
         if time.monotonic() > deadline:
             process.kill()
-            raise TimeoutError(f"sshfs did not mount {spec['path']} in {_MOUNT_TIMEOUT} s")
+            raise TimeoutError(f"{spec['path']} not mounted in {_MOUNT_TIMEOUT} s")
         time.sleep(0.02)
     return process
 
@@ -403,14 +442,38 @@ def unmount(path: str, process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+        subprocess.run(["umount", "-l", path], check=False)
 
 
-def reap(children: dict[int, Spec]) -> int:
-    """Wait for the jobs (and for orphans handed to this pid 1): 0 if all passed."""
+def kill_and_remount(spec: Spec, process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Kill the client (SIGKILL), leave its dead mount for a while, mount again.
+
+    Until the new mount, the jobs' calls fail with ENOTCONN: a FUSE mount
+    whose client died answers so.
+    """
+    process.kill()
+    process.wait()
+    time.sleep(spec.get("down", 1.0))
+    subprocess.run(["umount", "-l", spec["path"]], check=False)
+    again = mount(spec)
+    atomic.write_text(spec["remounted"], "", overwrite=True)
+    return again
+
+
+def reap(children: dict[int, Spec], mounted: list[tuple[Spec, subprocess.Popen[bytes]]]) -> int:
+    """Wait for the jobs (and for orphans handed to this pid 1): 0 if all passed.
+
+    Meanwhile a mount's ``kill`` flag kills its client and mounts it again.
+    """
     failed = 0
     while children:
-        pid, status = os.waitpid(-1, 0)
-        if children.pop(pid, None) is not None and status != 0:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            for i, (spec, process) in enumerate(mounted):
+                if flagged(spec["kill"]) and not flagged(spec["remounted"]):
+                    mounted[i] = (spec, kill_and_remount(spec, process))
+            time.sleep(0.02)
+        elif children.pop(pid, None) is not None and status != 0:
             failed = 1
     return failed
 
@@ -420,15 +483,15 @@ def main(argv: list[str]) -> int:
         spec = json.load(f)
     socket.sethostname(spec["hostname"])
     children = fork_jobs(spec["jobs"], spec["go"])
-    mounted: list[tuple[str, subprocess.Popen[bytes]]] = []
+    mounted: list[tuple[Spec, subprocess.Popen[bytes]]] = []
     try:
         for mount_spec in spec["mounts"]:
-            mounted.append((mount_spec["path"], mount(mount_spec)))
+            mounted.append((mount_spec, mount(mount_spec)))
         atomic.write_text(spec["ready"], "")
-        return reap(children)
+        return reap(children, mounted)
     finally:
-        for path, process in reversed(mounted):
-            unmount(path, process)
+        for mount_spec, process in reversed(mounted):
+            unmount(mount_spec["path"], process)
 
 
 if __name__ == "__main__":

@@ -22,20 +22,26 @@ from typing import Any, Callable
 import pytest
 
 import multihost
+import test_races
 from atomstore import ClaimLostError, FileStore
 from atomstore._info import escape_hostname
 from atomstore._rename import Capabilities
 from multihost import Cluster, Flag, Job
+from multihost_engines import FRESH, Mount
 from tracing import Recorder, named_staging
 
 Results = dict[str, dict[str, Any]]
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Callable[[int], Cluster]]:
+def cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     """Start a file server and N hosts; everything is torn down afterwards."""
     with contextlib.ExitStack() as stack:
-        yield lambda count: stack.enter_context(multihost.cluster(tmp_path, count))
+
+        def start(count: int, engine: str = "sshfs") -> Cluster:
+            return stack.enter_context(multihost.cluster(tmp_path, count, engine))
+
+        yield start
 
 
 def on_server(cluster: Cluster) -> list[str]:
@@ -170,7 +176,7 @@ def test_store_link_clash_with_another_file_is_refused(
 
 
 @pytest.mark.slow
-def test_sshfs_capabilities_and_no_clobber(cluster: Callable[[int], Cluster]) -> None:
+def test_sshfs_capabilities_and_no_clobber(cluster: Callable[..., Cluster]) -> None:
     hosts = cluster(1)
     [host] = hosts.hosts
     run = hosts.launch(
@@ -178,7 +184,7 @@ def test_sshfs_capabilities_and_no_clobber(cluster: Callable[[int], Cluster]) ->
         mounts={
             "links": multihost.FRESH_LISTINGS,
             # link(2) refused: the documented last resort (check, then rename).
-            "last": (*multihost.FRESH_LISTINGS, "disable_hardlink"),
+            "last": Mount(FRESH, ("disable_hardlink",)),
         },
     )
     run.wait_ready()
@@ -219,12 +225,20 @@ def test_sshfs_capabilities_and_no_clobber(cluster: Callable[[int], Cluster]) ->
     assert last["capabilities"] == [False, False, False, False]
 
 
+ENGINES_IN_CI = ("glusterfs", "juicefs")
+ON_HOSTS = [
+    pytest.param("sshfs", 2, id="sshfs-2"),
+    *(pytest.param(e, n, id=f"{e}-{n}") for e in ENGINES_IN_CI for n in (2, 3)),
+]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize(("engine", "count"), ON_HOSTS)
 def test_exchange_across_hosts_loses_and_duplicates_nothing(
-    cluster: Callable[[int], Cluster],
+    cluster: Callable[..., Cluster], engine: str, count: int
 ) -> None:
-    per_producer = 5000
-    hosts = cluster(2)
+    per_producer = -(-10_000 // count)
+    hosts = cluster(count, engine)
     FileStore(hosts.store_dir()).prepare()
     run = hosts.launch(
         {
@@ -256,7 +270,7 @@ def test_exchange_across_hosts_loses_and_duplicates_nothing(
         for ident, name, checksum in result["published"]:
             assert name.endswith(suffix)
             published[ident] = (name, checksum)
-    assert len(published) == 2 * per_producer
+    assert len(published) == count * per_producer
     assert len({name for name, _ in published.values()}) == len(published)
     # Each host's producer ran with the same pid; only the host tells apart.
     pids = {r["pid"] for r in of_role(results, "produce").values()}
@@ -281,7 +295,7 @@ def test_exchange_across_hosts_loses_and_duplicates_nothing(
     assert fuse_hidden(left) == left
     lost_races = sum(r["lost_races"] for r in of_role(results, "consume").values())
     print(
-        f"\n{len(published)} messages between 2 hosts in {seconds:.1f} s; "
+        f"\n{engine}: {len(published)} messages between {count} hosts in {seconds:.1f} s; "
         f"{lost_races} claims lost to the other consumer; "
         f"{len(left)} .fuse_hidden files left in cur/"
     )
@@ -289,7 +303,7 @@ def test_exchange_across_hosts_loses_and_duplicates_nothing(
 
 @pytest.mark.slow
 def test_hosts_racing_with_stale_caches_never_share_a_message(
-    cluster: Callable[[int], Cluster],
+    cluster: Callable[..., Cluster],
 ) -> None:
     # Every consumer lists new/ once and works down the same names, oldest
     # first, through caches that keep names, attributes and listings for a
@@ -331,7 +345,7 @@ def test_hosts_racing_with_stale_caches_never_share_a_message(
 
 @pytest.mark.slow
 def test_waiting_consumer_polls_for_another_hosts_message(
-    cluster: Callable[[int], Cluster],
+    cluster: Callable[..., Cluster],
 ) -> None:
     rounds = 5
     hosts = cluster(2)
@@ -387,7 +401,7 @@ SLOWEST_CALL = 15.0  # a call taking longer counts as a hang
 @pytest.mark.slow
 @pytest.mark.parametrize("count", [2, 3])
 def test_link_down_and_back_loses_and_duplicates_nothing(
-    cluster: Callable[[int], Cluster], count: int
+    cluster: Callable[..., Cluster], count: int
 ) -> None:
     hosts = cluster(count)
     FileStore(hosts.store_dir()).prepare()
@@ -492,3 +506,66 @@ def test_link_down_and_back_loses_and_duplicates_nothing(
         f"redelivered {sum(redelivered.values())}; "
         f"{len(fuse_hidden(left))} .fuse_hidden left"
     )
+
+
+# -- the same operation on the same messages, from several hosts ------------
+
+# Who does what in each race: the first host (another one each round) the
+# first operation, the other hosts the second (as in test_races).
+RACES = {
+    "recover-recover": ("recover", "recover"),
+    "release-recover": ("release", "recover"),
+    "requeue-requeue": ("requeue", "requeue"),
+    "finish-recover": ("finish", "recover"),
+}
+RACE_ROUNDS, RACE_MESSAGES = 3, 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("engine", "count"), ON_HOSTS)
+def test_same_operation_races_across_hosts(
+    cluster: Callable[..., Cluster], engine: str, count: int
+) -> None:
+    hosts = cluster(count, engine)
+    base = hosts.store_dir("races")
+    base.mkdir()
+    tally = test_races.Tally()
+    for mode, mount in (("fresh", multihost.FRESH_LISTINGS), ("stale", multihost.STALE_CACHES)):
+        plan: list[tuple[str, dict[str, int]]] = []
+        rounds: dict[int, list[dict[str, Any]]] = {h.index: [] for h in hosts.hosts}
+        for attack, (first, second) in RACES.items():
+            max_attempts, prepare, _ = test_races.ATTACKS[attack]
+            for r in range(RACE_ROUNDS):
+                name = f"{attack}-{mode}-{r}"
+                store = FileStore(base / name, durable=False, max_attempts=max_attempts)
+                store.prepare()
+                ids = test_races.add_messages(store, RACE_MESSAGES, random.Random(name))
+                names = prepare(store, RACE_MESSAGES)
+                plan.append((name, ids))
+                for h in hosts.hosts:
+                    op = first if h.index == r % count else second
+                    spec = {"store": name, "op": op, "ids": ids, "names": names}
+                    rounds[h.index].append({**spec, "max_attempts": max_attempts})
+        barrier = hosts.root / f"barrier-{mode}"
+        job = {"store": "m/races/_", "barrier": str(barrier), "parties": count}
+        run = hosts.launch(
+            {h: [Job("race", {**job, "rounds": rounds[h.index]})] for h in hosts.hosts},
+            mounts={"m": mount},
+        )
+        run.wait_ready()
+        run.go()
+        results = run.wait(120)
+        for number, (name, ids) in enumerate(plan):
+            records = [
+                test_races.Record.from_json(record)
+                for result in results.values()
+                for record in result["rounds"][number]
+            ]
+            test_races.judge(str(base / name), ids, records, tally, f"{engine} {name}")
+    summary = f"{engine}, {count} hosts, {2 * len(RACES) * RACE_ROUNDS} rounds:\n{tally.report()}"
+    print("\n" + summary)
+    assert not tally.counts, summary
+    # Every race had losers, and they were told.
+    for op, error in test_races.LOSER_ERRORS.items():
+        if op != "recover":
+            assert tally.calls[f"{op} {error}"] > 0, summary

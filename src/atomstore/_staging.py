@@ -30,6 +30,10 @@ ANONYMOUS_FLAGS = _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
 _TMPFILE_REFUSED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL})
 # Directories whose filesystem refused O_TMPFILE: they stage under names.
 _named_only: set[str] = set()
+# Directories whose filesystem keeps a linked unnamed file, checked once
+# each; and whether each filesystem (st_dev) loses one, as probed.
+_unnamed_kept: set[str] = set()
+_unnamed_lost: dict[int, bool] = {}
 _NAMED_ONLY_MAX = 4096
 _ATTEMPTS = 100
 _COPY_CHUNK = 1 << 20
@@ -226,11 +230,66 @@ def open_anonymous(
             )
             return False
         raise OSError(e.errno, e.strerror, directory) from None
+    if directory not in _unnamed_kept and not _keeps_unnamed(directory, fd):
+        into.close()  # nothing to remove: the file has no name
+        return False
     if perms is not None:
         _syscalls.fchmod(fd, perms)
         if perms & 0o7000:
             into.special = perms
     return True
+
+
+def _keeps_unnamed(directory: str, fd: int) -> bool:
+    """Whether the filesystem of ``directory``, where ``fd`` is an unnamed
+    file, keeps such a file once it is linked and closed; remembered for
+    ``directory`` either way.
+
+    JuiceFS 1.4 takes ``O_TMPFILE`` and the link, then frees the file when it
+    is closed: the name stays, and opens with ENOENT.  A probe, once per
+    filesystem, links a file of one byte under a hidden name and reads it
+    back.  Asked after the open, which refused a symlink where the caller
+    wanted that.
+    """
+    device = os.fstat(fd).st_dev
+    lost = _unnamed_lost.get(device)
+    if lost is None:
+        lost = _loses_unnamed(directory)
+        if lost is None:
+            return False  # the probe failed (a full disk?): by name, this once
+        _unnamed_lost[device] = lost
+        if lost:
+            _log.info(
+                "%s: unnamed files are lost here once closed: new files are staged under names",
+                directory,
+            )
+    remembered = _named_only if lost else _unnamed_kept
+    if len(remembered) >= _NAMED_ONLY_MAX:
+        remembered.clear()
+    remembered.add(directory)
+    return not lost
+
+
+def _loses_unnamed(directory: str) -> bool | None:
+    """The probe of :func:`_keeps_unnamed`; None if it could not run."""
+    probe = Temp()
+    path = os.path.join(directory, _names.staging_name("probe", "tmp"))
+    try:
+        try:
+            fd = probe.open_into(directory, ANONYMOUS_FLAGS, 0o600)
+            _syscalls.write(fd, b"u")
+            probe.name(path)
+            _syscalls.link_fd(fd, path)
+            probe.close_fd()
+        except OSError:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read() != b"u"
+        except OSError:
+            return True  # named, and nothing there
+    finally:
+        probe.discard()
 
 
 def settle_mode(staged: Temp) -> None:

@@ -1,0 +1,310 @@
+"""The network filesystems the multi-host tests run on, one class each.
+
+An engine starts its servers in the cluster's server namespace, and gives
+the command line of a client that mounts the shared filesystem in the
+foreground: on a host (from the host's namespaces), or as the test's own
+*observer* (from the server's network namespace, in the test's mount
+namespace, so that the test reads what is on the server through it).
+
+Every client comes in two cache modes:
+
+``fresh``
+    no attribute, entry or listing caches: another host's change shows at
+    once;
+``stale``
+    everything cached for a minute: stale listings, stale names, stale
+    attributes.  Only the server's rename may decide who owns a message.
+
+A :class:`Mount` names the mode and any options of the engine's own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import needs
+
+if TYPE_CHECKING:
+    from multihost import Cluster, Host
+
+SERVICE_ADDRESS = "10.231.0.1"  # the server's own address, on its loopback
+
+_SBIN = os.pathsep.join(("/usr/local/sbin", "/usr/sbin", "/sbin"))
+FRESH = "fresh"
+STALE = "stale"
+NONE = "none"
+
+
+def tool(name: str) -> str | None:
+    """The path of a system tool: the sbin directories and this Python's too."""
+    path = os.pathsep.join((os.environ.get("PATH", ""), _SBIN, os.path.dirname(sys.executable)))
+    return shutil.which(name, path=path)
+
+
+def command(name: str, *args: str) -> list[str]:
+    """A command line with the tool's full path: sbin may be off the PATH."""
+    return [tool(name) or name, *args]
+
+
+def run(*argv: str, timeout: float = 60.0) -> str:
+    done = subprocess.run(
+        command(*argv), capture_output=True, text=True, check=False, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {(done.stderr or done.stdout).strip()}")
+    return done.stdout
+
+
+def wait_for(condition: object, what: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait up to 30 s for ``condition()``; fail if ``process`` ends first."""
+    assert callable(condition)
+    deadline = time.monotonic() + 30
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            text = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise RuntimeError(f"{what} failed (exit {process.poll()}):\n{text}")
+        time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """How a client mounts: its cache mode and options of the engine's own."""
+
+    caches: str = FRESH
+    options: Sequence[str] = ()
+
+
+class Engine:
+    """A network filesystem: its servers and its clients."""
+
+    name = ""
+    #: the tools it needs (tests/provision.sh installs them)
+    tools: tuple[str, ...] = ()
+    #: True: the test reads the store from the server's own directory
+    #: (``Cluster.export``) instead of an observer's mount
+    direct_view = False
+    #: the seconds after which a call on a dead link fails (the timeouts
+    #: that the README recommends, as this engine's mount options)
+    fails_after = 10.0
+
+    def need(self) -> None:
+        for name in self.tools:
+            needs.need(tool(name) is not None, f"needs {name} (tests/provision.sh installs it)")
+
+    def start(self, cluster: Cluster) -> None:
+        """Start the servers in ``cluster.server_netns``."""
+
+    def client(self, cluster: Cluster, host: Host | None, path: Path, mount: Mount) -> list[str]:
+        """The command that mounts the filesystem at ``path`` in the foreground.
+
+        ``host`` None is the observer, in the server's network namespace.
+        """
+        raise NotImplementedError
+
+
+class Sshfs(Engine):
+    """An SSH server's directory, mounted with sshfs (SFTP)."""
+
+    name = "sshfs"
+    tools = ("sshd", "ssh", "ssh-keygen", "sshfs")
+    direct_view = True
+    fails_after = 4.0
+    # multihost.SSH_OPTIONS make a dead link fail within seconds.
+    OPTIONS = ("reconnect",)
+    CACHES: ClassVar[dict[str, tuple[str, ...]]] = {
+        # sshfs's own caches are left on (they are what a user gets), but
+        # its directory cache would hide another host's new messages for 20 s.
+        FRESH: ("dir_cache=no",),
+        NONE: ("dir_cache=no", "cache=no"),
+        STALE: (
+            "dir_cache=yes",
+            "dcache_timeout=60",
+            "entry_timeout=60",
+            "attr_timeout=60",
+            "negative_timeout=60",
+        ),
+    }
+
+    def start(self, cluster: Cluster) -> None:
+        cluster.start_sshd()
+
+    def client(self, cluster: Cluster, host: Host | None, path: Path, mount: Mount) -> list[str]:
+        assert host is not None, "the test reads the export itself"
+        argv = command("sshfs", "-f", "-F", str(cluster.ssh_config))
+        argv.append(f"{host.server_address}:{cluster.export}")
+        argv.append(str(path))
+        for option in (*self.OPTIONS, *self.CACHES[mount.caches], *mount.options):
+            argv += ["-o", option]
+        return argv
+
+
+class Gluster(Engine):
+    """A GlusterFS volume of one brick, served by glusterd; FUSE clients.
+
+    glusterd keeps its state in a working directory of the test's, and its
+    sockets and logs on bind mounts over ``/run`` and ``/var/log/glusterfs``
+    in a mount namespace of its own.
+    """
+
+    name = "glusterfs"
+    tools = ("glusterd", "gluster", "glusterfs")
+    # network.ping-timeout: a client that hears nothing from the brick for
+    # this many seconds drops it, and its calls fail with ENOTCONN.
+    PING_TIMEOUT = 3
+    fails_after = PING_TIMEOUT + 4.0
+    VOLUME = "atomstore"
+    CACHES: ClassVar[dict[str, tuple[str, ...]]] = {
+        FRESH: (),
+        NONE: (
+            "--attribute-timeout=0",
+            "--entry-timeout=0",
+            "--negative-timeout=0",
+            f"--xlator-option={VOLUME}-md-cache.md-cache-timeout=0",
+        ),
+        STALE: (
+            "--attribute-timeout=60",
+            "--entry-timeout=60",
+            "--negative-timeout=60",
+            f"--xlator-option={VOLUME}-md-cache.md-cache-timeout=60",
+        ),
+    }
+
+    def start(self, cluster: Cluster) -> None:
+        state = cluster.root / "glusterd"
+        for sub in ("work", "run", "log"):
+            (state / sub).mkdir(parents=True)
+        conf = Path("/etc/glusterfs/glusterd.vol").read_text()
+        (state / "glusterd.vol").write_text(conf.replace("/var/lib/glusterd", str(state / "work")))
+        brick = f"{SERVICE_ADDRESS}:{cluster.export}"
+        gluster = tool("gluster")
+        script = f"""
+            set -e
+            mount --bind "{state}/run" /run
+            mkdir -p /run/gluster /var/log/glusterfs
+            mount --bind "{state}/log" /var/log/glusterfs
+            "{tool("glusterd")}" -N -f "{state}/glusterd.vol" &
+            until "{gluster}" volume list >/dev/null 2>&1; do sleep 0.05; done
+            "{gluster}" --mode=script volume create {self.VOLUME} {brick} force
+            "{gluster}" --mode=script volume set {self.VOLUME} \
+                network.ping-timeout {self.PING_TIMEOUT}
+            "{gluster}" --mode=script volume start {self.VOLUME}
+            touch "{state}/started"
+            wait
+        """
+        log = cluster.root / "glusterd.log"
+        process = cluster.spawn_server(["sh", "-c", script], log)
+        wait_for((state / "started").exists, "starting glusterd", process, log)
+
+    def client(self, cluster: Cluster, host: Host | None, path: Path, mount: Mount) -> list[str]:
+        label = "observer" if host is None else host.device
+        return command(
+            "glusterfs",
+            "-N",
+            f"--volfile-server={SERVICE_ADDRESS}",
+            f"--volfile-id={self.VOLUME}",
+            f"--log-file={cluster.root / f'glusterfs-{label}-{path.name}.log'}",
+            *self.CACHES[mount.caches],
+            *mount.options,
+            str(path),
+        )
+
+
+class JuiceFS(Engine):
+    """A JuiceFS volume whose metadata and data both live in one Redis.
+
+    Every byte a client reads or writes crosses the network: the object
+    store is Redis too, not a directory all hosts could see.
+    """
+
+    name = "juicefs"
+    tools = ("redis-server", "juicefs")
+    PORT = 6379
+    # go-redis's timeouts: a call on a dead link gives up on them
+    # (JuiceFS retries a metadata call a few times before it fails).
+    REDIS_TIMEOUTS = "dial_timeout=1s&read_timeout=1s&write_timeout=1s"
+    fails_after = 15.0
+    CACHES: ClassVar[dict[str, tuple[str, ...]]] = {
+        FRESH: (),
+        NONE: ("--attr-cache=0", "--entry-cache=0", "--dir-entry-cache=0"),
+        STALE: ("--attr-cache=60", "--entry-cache=60", "--dir-entry-cache=60"),
+    }
+
+    def meta_url(self, address: str) -> str:
+        return f"redis://{address}:{self.PORT}/1?{self.REDIS_TIMEOUTS}"
+
+    def start(self, cluster: Cluster) -> None:
+        data = cluster.root / "redis"
+        data.mkdir()
+        addresses = ["127.0.0.1", SERVICE_ADDRESS]
+        log = cluster.root / "redis.log"
+        process = cluster.spawn_server(
+            command(
+                "redis-server",
+                "--bind",
+                *addresses,
+                "--port",
+                str(self.PORT),
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data),
+            ),
+            log,
+        )
+
+        def answers() -> bool:
+            done = subprocess.run(
+                command("ip", "netns", "exec", cluster.server_netns, "redis-cli", "ping"),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            return done.stdout.strip() == "PONG"
+
+        wait_for(answers, "starting redis-server", process, log)
+        run(
+            "ip",
+            "netns",
+            "exec",
+            cluster.server_netns,
+            tool("juicefs") or "juicefs",
+            "format",
+            "--trash-days=0",
+            "--storage",
+            "redis",
+            "--bucket",
+            f"redis://{SERVICE_ADDRESS}:{self.PORT}/2",
+            self.meta_url(SERVICE_ADDRESS),
+            "atomstore",
+        )
+
+    def client(self, cluster: Cluster, host: Host | None, path: Path, mount: Mount) -> list[str]:
+        label = "observer" if host is None else host.device
+        cache = cluster.root / f"juicefs-cache-{label}-{path.name}"
+        return command(
+            "juicefs",
+            "mount",
+            "--no-usage-report",
+            "--no-syslog",
+            "--backup-meta=0",
+            f"--cache-dir={cache}",
+            *self.CACHES[mount.caches],
+            *mount.options,
+            self.meta_url(SERVICE_ADDRESS),
+            str(path),
+        )
+
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (Sshfs(), Gluster(), JuiceFS())}
