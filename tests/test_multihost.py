@@ -521,6 +521,12 @@ RACES = {
 RACE_ROUNDS, RACE_MESSAGES = 3, 10
 
 
+def on_observer(record: test_races.Record, base: Path) -> test_races.Record:
+    """The record with the paths a host gave as the test sees them."""
+    record.moved = [(i, str(base / p.split("/m/races/", 1)[1])) for i, p in record.moved]
+    return record
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("engine", "count"), ON_HOSTS)
 def test_same_operation_races_across_hosts(
@@ -557,7 +563,7 @@ def test_same_operation_races_across_hosts(
         results = run.wait(120)
         for number, (name, ids) in enumerate(plan):
             records = [
-                test_races.Record.from_json(record)
+                on_observer(test_races.Record.from_json(record), base)
                 for result in results.values()
                 for record in result["rounds"][number]
             ]
@@ -565,7 +571,7 @@ def test_same_operation_races_across_hosts(
     summary = f"{engine}, {count} hosts, {2 * len(RACES) * RACE_ROUNDS} rounds:\n{tally.report()}"
     print("\n" + summary)
     assert not tally.counts, summary
-    # Every race had losers, and they were told.
-    for op, error in test_races.LOSER_ERRORS.items():
-        if op != "recover":
-            assert tally.calls[f"{op} {error}"] > 0, summary
+    # The races took place: a release or requeue that lost was told so (a
+    # recover that lost moved nothing, and a finish may always come first).
+    assert tally.calls["release ClaimLostError"] > 0, summary
+    assert tally.calls["requeue FileNotFoundError"] > 0, summary

@@ -349,6 +349,13 @@ def rename_noreplace(
                 return
             except OSError as e:
                 if e.errno == errno.EEXIST:
+                    # A network filesystem (JuiceFS) may look at dst before
+                    # src: a source another mover took, to this very name or
+                    # away, is ENOENT, as rename(2) answers locally.
+                    if not _same_entry(src, dst) and (
+                        _same_file(src, dst) or not os.path.lexists(src)
+                    ):
+                        raise _missing_error(src, dst) from None
                     raise _exists_error(dst) from None
                 if e.errno == errno.ENOENT and tries_left and _target_dir_went(src, dst):
                     continue
