@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from atomstore import _rename, _shrink, _store, _syscalls
+from atomstore import _rename, _shrink, _staging, _store, _syscalls
 from atomstore._rename import Capabilities
 from clocks import Clock
 from tracing import Recorder
@@ -62,10 +62,12 @@ def eager(monkeypatch: pytest.MonkeyPatch) -> None:
 def fresh_probe() -> Iterator[None]:
     """Forget the probed capabilities before and after the test."""
     _rename.forget()
+    _staging.forget_probes()
     try:
         yield
     finally:
         _rename.forget()
+        _staging.forget_probes()
 
 
 class _SteadyMounts(_rename._MountWatch):

@@ -358,12 +358,13 @@ def test_capabilities_of_this_filesystem(tmp_path: Path, fresh_probe: None) -> N
 
 def test_probe_runs_once_per_device(tmp_path: Path, fresh_probe: None, trace: Recorder) -> None:
     atomic.capabilities(tmp_path / "a")
+    atomic.write_bytes(tmp_path / "first", b"1")  # the staging layer's probe of unnamed files
     probe_calls = len(trace.calls)
-    assert probe_calls > 0
+    assert [c.args[0] for c in trace.calls if c.name == "link_fd"] != []
     (tmp_path / "sub").mkdir()
     atomic.capabilities(tmp_path / "sub" / "b")
-    atomic.write_bytes(tmp_path / "c", b"c")
-    assert not [c for c in trace.calls[probe_calls:] if ".probe." in str(c.args[0])]
+    atomic.write_bytes(tmp_path / "sub" / "c", b"c")
+    assert not [c for c in trace.calls[probe_calls:] if ".probe." in str(c.args[-1])]
 
 
 @pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP])
@@ -645,3 +646,59 @@ def test_probe_without_renameat2(
     (tmp_path / "a").write_text("A")
     atomic.rename(tmp_path / "a", tmp_path / "b")
     assert listing(tmp_path) == ["b"]
+
+
+# -- a network filesystem that looks at the target first ----------------------
+
+
+def _other_mover_first(then: Callable[[str, str], object]) -> Callable[..., None]:
+    """A renameat2 that lets another mover act, then answers EEXIST, as
+    JuiceFS does when it finds the target taken before the source gone."""
+
+    def renameat2(src: str, dst: str, flags: int) -> None:
+        then(src, dst)
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), src, None, dst)
+
+    return renameat2
+
+
+@pytest.mark.parametrize("other", ["moved it to the same name", "moved it elsewhere", "removed it"])
+def test_native_rename_lost_to_another_mover_says_enoent(
+    tmp_path: Path, trace: Recorder, other: str
+) -> None:
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    Path(src).write_bytes(b"message")
+
+    def elsewhere(s: str, d: str) -> None:
+        os.rename(s, s + ".away")
+        Path(d).write_bytes(b"x")
+
+    def removed(s: str, d: str) -> None:
+        os.unlink(s)
+        Path(d).write_bytes(b"x")
+
+    actions: dict[str, Callable[[str, str], object]] = {
+        "moved it to the same name": os.rename,
+        "moved it elsewhere": elsewhere,
+        "removed it": removed,
+    }
+    trace.replace["renameat2"] = _other_mover_first(actions[other])
+    caps = Capabilities(noreplace=True, exchange=True, hardlinks=True)
+    with pytest.raises(FileNotFoundError) as info:
+        _rename.rename_noreplace(src, dst, caps)
+    assert info.value.errno == errno.ENOENT
+    assert info.value.filename == src
+
+
+def test_native_rename_onto_another_file_still_says_eexist(tmp_path: Path, trace: Recorder) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"mine")
+    trace.replace["renameat2"] = _other_mover_first(
+        lambda s, d: Path(d).write_bytes(b"someone else's")
+    )
+    caps = Capabilities(noreplace=True, exchange=True, hardlinks=True)
+    with pytest.raises(FileExistsError) as info:
+        _rename.rename_noreplace(str(src), str(dst), caps)
+    assert info.value.filename == str(dst)
+    assert src.read_bytes() == b"mine"
+    assert dst.read_bytes() == b"someone else's"

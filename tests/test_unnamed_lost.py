@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,9 @@ def leaves_an_empty_name(fd: int, dst: str) -> None:
 
 
 @pytest.fixture
-def losing(trace: Recorder) -> Iterator[Recorder]:
+def losing(trace: Recorder, fresh_probe: None) -> Recorder:
     trace.replace["link_fd"] = leaves_an_empty_name
-    saved = dict(_staging._unnamed_lost)
-    _staging._unnamed_lost.clear()
-    try:
-        yield trace
-    finally:
-        _staging._unnamed_lost.clear()
-        _staging._unnamed_lost.update(saved)
+    return trace
 
 
 def test_unnamed_files_lost_are_found_once_and_nothing_is_left(
@@ -58,16 +51,12 @@ def test_unnamed_files_lost_are_found_once_and_nothing_is_left(
     assert str(tmp_path / "b") in _staging._named_only
 
 
-def test_unnamed_files_kept_here_cost_one_probe(tmp_path: Path, trace: Recorder) -> None:
-    saved = dict(_staging._unnamed_lost)
-    _staging._unnamed_lost.clear()
-    try:
-        atomic.write_bytes(tmp_path / "f", b"data")
-        atomic.write_bytes(tmp_path / "g", b"more")
-        assert _staging._unnamed_lost == {os.stat(tmp_path).st_dev: False}
-    finally:
-        _staging._unnamed_lost.clear()
-        _staging._unnamed_lost.update(saved)
+def test_unnamed_files_kept_here_cost_one_probe(
+    tmp_path: Path, trace: Recorder, fresh_probe: None
+) -> None:
+    atomic.write_bytes(tmp_path / "f", b"data")
+    atomic.write_bytes(tmp_path / "g", b"more")
+    assert _staging._unnamed_lost == {os.stat(tmp_path).st_dev: False}
     assert trace.count("link_fd") == 3  # the probe's, then each file's
     assert sorted(os.listdir(tmp_path)) == ["f", "g"]
 

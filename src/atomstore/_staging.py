@@ -240,6 +240,13 @@ def open_anonymous(
     return True
 
 
+def forget_probes() -> None:
+    """Forget what was found of each directory and filesystem."""
+    _named_only.clear()
+    _unnamed_kept.clear()
+    _unnamed_lost.clear()
+
+
 def _keeps_unnamed(directory: str, fd: int) -> bool:
     """Whether the filesystem of ``directory``, where ``fd`` is an unnamed
     file, keeps such a file once it is linked and closed; remembered for
