@@ -289,10 +289,14 @@ class Cluster:
             run(*f"ip -n {h.netns} addr add {h.address}/24 dev {h.device}".split())
             run(*f"ip -n {server} link set {h.server_device} up".split())
             run(*f"ip -n {h.netns} link set {h.device} up".split())
-            run(*f"ip -n {h.netns} route add {SERVICE_ADDRESS}/32 via {h.server_address}".split())
+            self._route_to_services(h)
         # The address the server's services name themselves by (GlusterFS's
         # brick): every host reaches it through its own link.
         run(*f"ip -n {server} addr add {SERVICE_ADDRESS}/32 dev lo".split())
+
+    def _route_to_services(self, host: Host) -> None:
+        via = host.server_address
+        run(*f"ip -n {host.netns} route replace {SERVICE_ADDRESS}/32 via {via}".split())
 
     def _make_keys(self) -> None:
         self._keys.mkdir()
@@ -386,6 +390,8 @@ class Cluster:
     def set_link(self, host: Host, up: bool) -> None:
         """Take the host's end of its link down, or bring it back."""
         run("ip", "-n", host.netns, "link", "set", host.device, "up" if up else "down")
+        if up:  # the route to the server's services went down with the link
+            self._route_to_services(host)
 
     def launch(
         self,

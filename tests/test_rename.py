@@ -702,3 +702,36 @@ def test_native_rename_onto_another_file_still_says_eexist(tmp_path: Path, trace
     assert info.value.filename == str(dst)
     assert src.read_bytes() == b"mine"
     assert dst.read_bytes() == b"someone else's"
+
+
+def test_native_rename_of_a_name_onto_itself_spelled_with_a_slash_says_eexist(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "d").mkdir()
+    caps = Capabilities(noreplace=True, exchange=True, hardlinks=True)
+    with pytest.raises(FileExistsError):
+        _rename.rename_noreplace(str(tmp_path / "d"), str(tmp_path / "d") + "/", caps)
+    assert (tmp_path / "d").is_dir()
+
+
+def test_native_rename_eexist_with_a_source_that_cannot_be_looked_at_stays_eexist(
+    tmp_path: Path, trace: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ESTALE or EIO on the source tells nothing of a mover: no ENOENT.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"mine")
+    dst.write_bytes(b"theirs")
+    real_lstat = os.lstat
+
+    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if str(path) == str(src):
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    caps = Capabilities(noreplace=True, exchange=True, hardlinks=True)
+    with pytest.raises(FileExistsError):
+        _rename.rename_noreplace(str(src), str(dst), caps)
+    monkeypatch.undo()
+    assert src.read_bytes() == b"mine"
+    assert dst.read_bytes() == b"theirs"

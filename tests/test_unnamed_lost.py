@@ -5,7 +5,7 @@ then frees the file when its descriptor closes: the name stays in listings
 and opens with ENOENT.  A message added that way is lost although add()
 returned its name.  A probe, once per filesystem, catches it and
 atomstore then stages new files under names there.  Here a tracer makes a
-link of an open file leave an empty, mode-0 name behind, as JuiceFS does;
+link of an open file leave nothing to open, as JuiceFS does;
 ``test_multihost`` checks the real JuiceFS.
 """
 
@@ -14,21 +14,29 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from atomstore import FileStore, _staging, atomic
+from atomstore import FileStore, _names, _rename, _staging, _watch, atomic
 from tracing import Recorder
 
 
 def leaves_an_empty_name(fd: int, dst: str) -> None:
-    """What a link of an unnamed file comes to on JuiceFS: a name, no file."""
-    os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0))
+    """What a link of an unnamed file comes to on JuiceFS: a name that
+    opens with ENOENT (here: no name at all)."""
 
 
 @pytest.fixture
-def losing(trace: Recorder, fresh_probe: None) -> Recorder:
+def remote(monkeypatch: pytest.MonkeyPatch, fresh_probe: None) -> None:
+    """The test's filesystem taken for a FUSE one: the probe runs there."""
+    monkeypatch.setattr(_watch, "is_remote_or_fuse", lambda path: True)
+    monkeypatch.setattr(_staging, "_UNNAMED_SETTLE", 0)
+
+
+@pytest.fixture
+def losing(trace: Recorder, remote: None) -> Recorder:
     trace.replace["link_fd"] = leaves_an_empty_name
     return trace
 
@@ -48,17 +56,79 @@ def test_unnamed_files_lost_are_found_once_and_nothing_is_left(
         f"{tmp_path / 'a'}: unnamed files are lost here once closed: "
         "new files are staged under names"
     ]
-    assert str(tmp_path / "b") in _staging._named_only
 
 
-def test_unnamed_files_kept_here_cost_one_probe(
-    tmp_path: Path, trace: Recorder, fresh_probe: None
+def test_unnamed_files_kept_on_fuse_cost_one_probe(
+    tmp_path: Path, trace: Recorder, remote: None
 ) -> None:
     atomic.write_bytes(tmp_path / "f", b"data")
     atomic.write_bytes(tmp_path / "g", b"more")
     assert _staging._unnamed_lost == {os.stat(tmp_path).st_dev: False}
     assert trace.count("link_fd") == 3  # the probe's, then each file's
     assert sorted(os.listdir(tmp_path)) == ["f", "g"]
+
+
+def test_a_local_filesystem_is_not_probed(
+    tmp_path: Path, trace: Recorder, fresh_probe: None
+) -> None:
+    atomic.write_bytes(tmp_path / "f", b"data")
+    assert _staging._unnamed_lost == {os.stat(tmp_path).st_dev: False}
+    assert trace.count("link_fd") == 1
+    assert os.listdir(tmp_path) == ["f"]
+
+
+def test_the_answer_goes_with_a_mount_change(tmp_path: Path, losing: Recorder) -> None:
+    atomic.write_bytes(tmp_path / "f", b"data")
+    assert _staging._unnamed_lost == {os.stat(tmp_path).st_dev: True}
+    for hook in _rename._mount_change_hooks:  # what a look at a changed table runs
+        hook()
+    assert _staging._unnamed_lost == {}
+
+
+@pytest.mark.parametrize("swap", ["fifo", "symlink to /dev/zero", "another file"])
+def test_a_probe_name_swapped_tells_nothing(
+    tmp_path: Path, losing: Recorder, monkeypatch: pytest.MonkeyPatch, swap: str
+) -> None:
+    # Another writer of the directory replaces the probe's name before it
+    # is read back: the probe reads nothing of it, blocks on nothing and
+    # decides nothing; the file is staged under a name, this once.
+    def swapped(fd: int, dst: str) -> None:
+        if swap == "fifo":
+            os.mkfifo(dst)
+        elif swap == "another file":
+            Path(dst).write_bytes(b"u")
+        else:
+            os.symlink("/dev/zero", dst)
+
+    losing.replace["link_fd"] = swapped
+    atomic.write_bytes(tmp_path / "f", b"data")
+    assert (tmp_path / "f").read_bytes() == b"data"
+    assert _staging._unnamed_lost == {}
+    [other] = [n for n in os.listdir(tmp_path) if n != "f"]  # not the probe's to remove
+    kept = os.lstat(tmp_path / other)
+    if swap == "fifo":
+        assert stat.S_ISFIFO(kept.st_mode)
+    elif swap == "another file":
+        assert (tmp_path / other).read_bytes() == b"u"
+    else:
+        assert os.readlink(tmp_path / other) == "/dev/zero"
+
+
+def test_a_probe_name_taken_is_left_alone(
+    tmp_path: Path, losing: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken = tmp_path / ".probe.atomstore-taken.tmp"
+    taken.write_bytes(b"not the probe's")
+    real = _names.staging_name
+    monkeypatch.setattr(
+        _names,
+        "staging_name",
+        lambda base, kind: taken.name if base == "probe" else real(base, kind),
+    )
+    atomic.write_bytes(tmp_path / "f", b"data")
+    assert taken.read_bytes() == b"not the probe's"
+    assert (tmp_path / "f").read_bytes() == b"data"
+    assert _staging._unnamed_lost == {}
 
 
 def test_a_probe_that_cannot_run_decides_nothing(tmp_path: Path, losing: Recorder) -> None:

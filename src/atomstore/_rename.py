@@ -27,6 +27,10 @@ import threading
 from . import _log, _names, _renameat2, _syscalls, _tree
 from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Callable
+
 # renameat2 flags unsupported: EINVAL (FUSE, NFS, ZFS < 2.2, or a kernel that
 # rejects the flag), ENOSYS (old kernel, seccomp), EOPNOTSUPP.
 _FLAGS_REFUSED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
@@ -152,6 +156,13 @@ class _MountWatch:
 
 
 _mounts = _MountWatch()
+_mount_change_hooks: list[Callable[[], object]] = []
+
+
+def on_mount_change(hook: Callable[[], object]) -> None:
+    """Call ``hook`` when a look finds the mount table changed: another
+    layer's answers, cached by device number, are forgotten with these."""
+    _mount_change_hooks.append(hook)
 
 
 def forget() -> None:
@@ -179,6 +190,8 @@ def capabilities(directory: str, device: int | None = None) -> Capabilities:
         device = os.stat(directory).st_dev
     if _mounts.changed():
         _cache.clear()
+        for forget_answer in _mount_change_hooks:
+            forget_answer()
     caps = _cache.get(device)
     if caps is not None:
         return caps
@@ -242,13 +255,15 @@ def _read(path: str) -> bytes | None:
 
 def _probe(directory: str) -> Capabilities | None:
     """Probe in a scratch directory; None where none can be made or used."""
-    scratch = os.path.join(directory, _names.staging_name("probe", "tmp"))
+    scratch: str | None = os.path.join(directory, _names.staging_name("probe", "tmp"))
+    assert scratch is not None
     # One try from before the directory exists: interrupted anywhere, the
     # probe leaves nothing behind.
     try:
         try:
             _syscalls.mkdir(scratch, 0o700)
         except OSError:
+            scratch = None  # not made: nothing of the probe's to remove
             return None  # cannot write here: the operation will say why
         if not _renameat2.available():
             _write_small(os.path.join(scratch, "a"), b"a")
@@ -260,7 +275,8 @@ def _probe(directory: str) -> Capabilities | None:
         # A probe must not fail the operation that asked for it: a scratch
         # directory that cannot be removed now is a staging name clean()
         # removes.
-        _tree.remove_surely(scratch)
+        if scratch is not None:
+            _tree.remove_surely(scratch)
 
 
 def _probe_in(scratch: str) -> Capabilities:
@@ -349,12 +365,7 @@ def rename_noreplace(
                 return
             except OSError as e:
                 if e.errno == errno.EEXIST:
-                    # A network filesystem (JuiceFS) may look at dst before
-                    # src: a source another mover took, to this very name or
-                    # away, is ENOENT, as rename(2) answers locally.
-                    if not _same_entry(src, dst) and (
-                        _same_file(src, dst) or not os.path.lexists(src)
-                    ):
+                    if _source_taken(src, dst):
                         raise _missing_error(src, dst) from None
                     raise _exists_error(dst) from None
                 if e.errno == errno.ENOENT and tries_left and _target_dir_went(src, dst):
@@ -370,6 +381,26 @@ def rename_noreplace(
             raise _missing_error(src, dst)
         raise _exists_error(dst)
     _syscalls.rename(src, dst)
+
+
+def _source_taken(src: str, dst: str) -> bool:
+    """After EEXIST: whether another mover took ``src``, to ``dst`` itself
+    (the same file, under a name that is not the same entry) or away.
+
+    A network filesystem (JuiceFS) may look at the target before the
+    source, where rename(2) on a local one answers ENOENT first.  An error
+    other than a missing name tells nothing: EEXIST stands.
+    """
+    try:
+        source = os.lstat(src)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    try:
+        return os.path.samestat(source, os.lstat(dst)) and not _same_entry(src, dst)
+    except OSError:
+        return False
 
 
 def _target_dir_went(src: str, dst: str) -> bool:
@@ -441,6 +472,7 @@ def _missing_error(src: str, dst: str) -> FileNotFoundError:
 
 def _same_entry(a: str, b: str) -> bool:
     """Whether ``a`` and ``b`` are one name, however spelled."""
+    a, b = a.rstrip("/") or "/", b.rstrip("/") or "/"
     if os.path.basename(a) != os.path.basename(b):
         return False
     try:

@@ -12,6 +12,7 @@ import atexit
 import errno
 import os
 import stat
+import time
 
 from . import _log, _names, _rename, _syscalls, _tree
 from ._rename import Capabilities
@@ -30,10 +31,10 @@ ANONYMOUS_FLAGS = _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
 _TMPFILE_REFUSED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL})
 # Directories whose filesystem refused O_TMPFILE: they stage under names.
 _named_only: set[str] = set()
-# Directories whose filesystem keeps a linked unnamed file, checked once
-# each; and whether each filesystem (st_dev) loses one, as probed.
-_unnamed_kept: set[str] = set()
+# Whether each filesystem (st_dev) loses a linked unnamed file, as probed.
 _unnamed_lost: dict[int, bool] = {}
+_rename.on_mount_change(_unnamed_lost.clear)  # a device number may be reused
+_UNNAMED_SETTLE = 0.05
 _NAMED_ONLY_MAX = 4096
 _ATTEMPTS = 100
 _COPY_CHUNK = 1 << 20
@@ -230,7 +231,7 @@ def open_anonymous(
             )
             return False
         raise OSError(e.errno, e.strerror, directory) from None
-    if directory not in _unnamed_kept and not _keeps_unnamed(directory, fd):
+    if not _keeps_unnamed(directory, fd, nofollow):
         into.close()  # nothing to remove: the file has no name
         return False
     if perms is not None:
@@ -243,60 +244,111 @@ def open_anonymous(
 def forget_probes() -> None:
     """Forget what was found of each directory and filesystem."""
     _named_only.clear()
-    _unnamed_kept.clear()
     _unnamed_lost.clear()
 
 
-def _keeps_unnamed(directory: str, fd: int) -> bool:
-    """Whether the filesystem of ``directory``, where ``fd`` is an unnamed
-    file, keeps such a file once it is linked and closed; remembered for
-    ``directory`` either way.
+def _keeps_unnamed(directory: str, fd: int, nofollow: bool) -> bool:
+    """Whether the filesystem of the unnamed file ``fd``, just made in
+    ``directory``, keeps such a file once it is linked and closed.
 
     JuiceFS 1.4 takes ``O_TMPFILE`` and the link, then frees the file when it
-    is closed: the name stays, and opens with ENOENT.  A probe, once per
-    filesystem, links a file of one byte under a hidden name and reads it
-    back.  Asked after the open, which refused a symlink where the caller
-    wanted that.
+    is closed: the name stays, and opens with ENOENT.  On a FUSE or network
+    filesystem a probe, once per filesystem (``st_dev``), links a file of
+    one byte under a hidden name and reads it back; the answer is forgotten
+    when the mount table changes.
     """
     device = os.fstat(fd).st_dev
     lost = _unnamed_lost.get(device)
     if lost is None:
-        lost = _loses_unnamed(directory)
+        lost = _loses_unnamed(directory, device, nofollow)
         if lost is None:
-            return False  # the probe failed (a full disk?): by name, this once
+            return False  # the probe could not tell (a full disk?): by name, this once
         _unnamed_lost[device] = lost
         if lost:
             _log.info(
                 "%s: unnamed files are lost here once closed: new files are staged under names",
                 directory,
             )
-    remembered = _named_only if lost else _unnamed_kept
-    if len(remembered) >= _NAMED_ONLY_MAX:
-        remembered.clear()
-    remembered.add(directory)
     return not lost
 
 
-def _loses_unnamed(directory: str) -> bool | None:
-    """The probe of :func:`_keeps_unnamed`; None if it could not run."""
-    probe = Temp()
-    path = os.path.join(directory, _names.staging_name("probe", "tmp"))
+def _loses_unnamed(directory: str, device: int, nofollow: bool) -> bool | None:
+    """The probe of :func:`_keeps_unnamed`; None if it cannot tell.
+
+    It works through a descriptor of ``directory`` on ``device``: a
+    directory swapped meanwhile for a symlink or for another filesystem
+    steers nothing.  What it reads back must be its own file.
+    """
+    from . import _watch  # only here: once per filesystem
+
+    if not _watch.is_remote_or_fuse(directory):
+        return False  # a local filesystem keeps the files it links
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | (_O_NOFOLLOW if nofollow else 0)
     try:
+        dfd = os.open(directory, flags)
+    except OSError:
+        return None
+    probe = Temp()
+    inode = -1
+    try:
+        if os.fstat(dfd).st_dev != device:
+            return None
+        at = f"/proc/self/fd/{dfd}"
+        name = _names.staging_name("probe", "tmp")
         try:
-            fd = probe.open_into(directory, ANONYMOUS_FLAGS, 0o600)
+            fd = probe.open_into(at, ANONYMOUS_FLAGS, 0o600)
             _syscalls.write(fd, b"u")
-            probe.name(path)
-            _syscalls.link_fd(fd, path)
-            probe.close_fd()
+            inode = os.fstat(fd).st_ino
+            probe.name(os.path.join(directory, name))
+            _syscalls.link_fd(fd, f"{at}/{name}")
+        except FileExistsError:
+            probe.unname()  # not this probe's file: left alone
+            return None
         except OSError:
             return None
-        try:
-            with open(path, "rb") as f:
-                return f.read() != b"u"
-        except OSError:
-            return True  # named, and nothing there
+        probe.close_fd()
+        # FUSE answers a close before the filesystem has let the file go.
+        time.sleep(_UNNAMED_SETTLE)
+        return _read_back_lost(dfd, name, inode)
     finally:
-        probe.discard()
+        try:
+            if probe.path is not None:
+                _remove_probe(dfd, os.path.basename(probe.path), inode)
+                probe.unname()
+        finally:
+            probe.discard()
+            os.close(dfd)
+
+
+def _remove_probe(dfd: int, name: str, inode: int) -> None:
+    """Remove the probe's name, unless another file holds it now."""
+    try:
+        if os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino != inode:
+            return
+    except FileNotFoundError:
+        pass  # a name that only lists (JuiceFS): removed all the same
+    except OSError:
+        return
+    unlink_quietly(f"/proc/self/fd/{dfd}/{name}")
+
+
+def _read_back_lost(dfd: int, name: str, inode: int) -> bool | None:
+    """Whether the probe's file ``name`` in ``dfd`` lost its byte."""
+    try:
+        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return None
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_ino != inode:
+            return None  # not the probe's file
+        return os.read(fd, 2) != b"u"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def settle_mode(staged: Temp) -> None:

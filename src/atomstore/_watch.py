@@ -122,6 +122,12 @@ def is_remote(path: str) -> bool:
     return kind in _REMOTE_TYPES or kind.startswith("fuse.")
 
 
+def is_remote_or_fuse(path: str) -> bool:
+    """Whether ``path`` is on a network filesystem or a FUSE one of any kind."""
+    kind = filesystem_type(path)
+    return kind in _REMOTE_TYPES or kind.startswith("fuse")
+
+
 # Directories whose polling waits were logged (once each).
 _polling_said: set[str] = set()
 
