@@ -307,9 +307,15 @@ def _loses_unnamed(directory: str, device: int, nofollow: bool) -> bool | None:
         except OSError:
             return None
         probe.close_fd()
-        # FUSE answers a close before the filesystem has let the file go.
-        time.sleep(_UNNAMED_SETTLE)
-        return _read_back_lost(dfd, name, inode)
+        # FUSE answers a close before the filesystem lets the file go, and a
+        # read-back that comes first holds it open again: a second look,
+        # after that one let go too, tells.
+        for _ in range(2):
+            time.sleep(_UNNAMED_SETTLE)
+            lost = _read_back_lost(dfd, name, inode)
+            if lost is not False:
+                return lost
+        return False
     finally:
         try:
             if probe.path is not None:
