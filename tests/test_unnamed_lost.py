@@ -22,6 +22,8 @@ import pytest
 from atomstore import FileStore, _names, _rename, _staging, _watch, atomic
 from tracing import Recorder
 
+O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+
 
 def leaves_an_empty_name(fd: int, dst: str) -> None:
     """What a link of an unnamed file comes to on JuiceFS: a name that
@@ -145,8 +147,13 @@ def test_store_stages_under_names_where_unnamed_files_are_lost(
     store = FileStore(tmp_path / "store")
     store.prepare()
     names = [store.add(f"message {i}".encode()) for i in range(3)]
-    # Only the probe linked an open file; every message was staged in tmp/.
+    # Only the probe linked an open file, and it ran in tmp/: JuiceFS lists
+    # an open unnamed file, which new/'s consumers must never see.  Every
+    # message was staged in tmp/.
     assert losing.count("link_fd") == 1
+    unnamed_in = [c.args[0] for c in losing.calls if c.name == "open" and c.args[1] & O_TMPFILE]
+    assert str(tmp_path / "store" / "new") not in unnamed_in
+    assert len(unnamed_in) == 1
     assert os.listdir(tmp_path / "store" / "tmp") == []
     assert sorted(os.listdir(tmp_path / "store" / "new")) == sorted(names)
     for i in range(3):

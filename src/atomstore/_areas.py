@@ -149,7 +149,9 @@ class Areas:
         ``new/`` is never followed through a symlink: the open itself
         refuses one (no lstat is needed)."""
         try:
-            return _staging.open_anonymous(staged, self._dirs["new"], self.mode, nofollow=True)
+            return _staging.open_anonymous(
+                staged, self._dirs["new"], self.mode, nofollow=True, probe_in=self._dirs["tmp"]
+            )
         except (FileNotFoundError, NotADirectoryError):
             self._checked("new")  # says what is wrong with new/
             raise

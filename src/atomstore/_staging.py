@@ -33,7 +33,9 @@ _TMPFILE_REFUSED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, err
 _named_only: set[str] = set()
 # Whether each filesystem (st_dev) loses a linked unnamed file, as probed.
 _unnamed_lost: dict[int, bool] = {}
+_device_of: dict[str, int] = {}  # the filesystem of each absolute directory
 _rename.on_mount_change(_unnamed_lost.clear)  # a device number may be reused
+_rename.on_mount_change(_device_of.clear)
 _UNNAMED_SETTLE = 0.05
 _NAMED_ONLY_MAX = 4096
 _ATTEMPTS = 100
@@ -198,7 +200,12 @@ class GuardedTemp(Temp):
 
 
 def open_anonymous(
-    into: Temp, directory: str, perms: int | None = None, *, nofollow: bool = False
+    into: Temp,
+    directory: str,
+    perms: int | None = None,
+    *,
+    nofollow: bool = False,
+    probe_in: str | None = None,
 ) -> bool:
     """Create an unnamed file in ``directory`` (O_TMPFILE) as ``into``.
 
@@ -206,12 +213,18 @@ def open_anonymous(
     process killed at any moment leaves no file.
 
     :param nofollow: refuse ``directory`` if it is a symlink (ENOTDIR).
+    :param probe_in: where the probe of unnamed files (see
+        :func:`_keeps_unnamed`) runs, on the filesystem of ``directory``:
+        JuiceFS lists an unnamed file under a name while it is open, which
+        a store's consumers must not see in ``new/``.
 
     :returns: False where the filesystem, the kernel or a missing /proc do
         not allow it (remembered for ``directory``): stage under a name.
     :raises OSError: naming ``directory`` (missing, not writable).
     """
     if not _O_TMPFILE or directory in _named_only or not _syscalls.can_link_fd():
+        return False
+    if not _keeps_unnamed(directory, nofollow, probe_in):
         return False
     try:
         fd = into.open_into(
@@ -231,9 +244,6 @@ def open_anonymous(
             )
             return False
         raise OSError(e.errno, e.strerror, directory) from None
-    if not _keeps_unnamed(directory, fd, nofollow):
-        into.close()  # nothing to remove: the file has no name
-        return False
     if perms is not None:
         _syscalls.fchmod(fd, perms)
         if perms & 0o7000:
@@ -245,22 +255,34 @@ def forget_probes() -> None:
     """Forget what was found of each directory and filesystem."""
     _named_only.clear()
     _unnamed_lost.clear()
+    _device_of.clear()
 
 
-def _keeps_unnamed(directory: str, fd: int, nofollow: bool) -> bool:
-    """Whether the filesystem of the unnamed file ``fd``, just made in
-    ``directory``, keeps such a file once it is linked and closed.
+def _keeps_unnamed(directory: str, nofollow: bool, probe_in: str | None) -> bool:
+    """Whether the filesystem of ``directory`` keeps an unnamed file once it
+    is linked and closed.
 
     JuiceFS 1.4 takes ``O_TMPFILE`` and the link, then frees the file when it
     is closed: the name stays, and opens with ENOENT.  On a FUSE or network
     filesystem a probe, once per filesystem (``st_dev``), links a file of
-    one byte under a hidden name and reads it back; the answer is forgotten
-    when the mount table changes.
+    one byte under a hidden name and reads it back.  The answers, and the
+    filesystem of each absolute directory, are forgotten when the mount
+    table changes.
     """
-    device = os.fstat(fd).st_dev
+    device = _device_of.get(directory)
+    if device is None:
+        try:
+            found = os.lstat(directory) if nofollow else os.stat(directory)
+        except OSError:
+            return True  # the open says what is wrong
+        device = found.st_dev
+        if os.path.isabs(directory):
+            if len(_device_of) >= _NAMED_ONLY_MAX:
+                _device_of.clear()
+            _device_of[directory] = device
     lost = _unnamed_lost.get(device)
     if lost is None:
-        lost = _loses_unnamed(directory, device, nofollow)
+        lost = _loses_unnamed(probe_in or directory, device, nofollow)
         if lost is None:
             return False  # the probe could not tell (a full disk?): by name, this once
         _unnamed_lost[device] = lost
