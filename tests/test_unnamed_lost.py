@@ -151,7 +151,9 @@ def test_store_stages_under_names_where_unnamed_files_are_lost(
     # an open unnamed file, which new/'s consumers must never see.  Every
     # message was staged in tmp/.
     assert losing.count("link_fd") == 1
-    unnamed_in = [c.args[0] for c in losing.calls if c.name == "open" and c.args[1] & O_TMPFILE]
+    unnamed_in = [
+        c.args[0] for c in losing.calls if c.name == "open" and c.args[1] & O_TMPFILE == O_TMPFILE
+    ]
     assert str(tmp_path / "store" / "new") not in unnamed_in
     assert len(unnamed_in) == 1
     assert os.listdir(tmp_path / "store" / "tmp") == []
