@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system tools the slow tests use (mkfs for xfs and btrfs,
-# FUSE, strace, sshfs, an SSH server, iproute2) where this runs as root with
+# FUSE, strace, sshfs, an SSH server, iproute2, GlusterFS's server and
+# client, Redis for JuiceFS's metadata) where this runs as root with
 # apt-get; elsewhere it only says what is missing, and those tests skip with
 # the reason.
 set -u
-packages=(xfsprogs btrfs-progs e2fsprogs fuse3 libfuse3-dev pkg-config strace sshfs openssh-server openssh-client iproute2 util-linux)
+packages=(xfsprogs btrfs-progs e2fsprogs fuse3 libfuse3-dev pkg-config strace sshfs openssh-server openssh-client iproute2 util-linux glusterfs-server glusterfs-client redis-server)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
