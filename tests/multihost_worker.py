@@ -15,6 +15,7 @@ uses the store must run below this process.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -366,6 +367,58 @@ def race(store: FileStore, job: Spec) -> Result:
     return {"rounds": rounds}
 
 
+def atomic_writes(store: FileStore, job: Spec) -> Result:
+    """Write the same names as the other hosts, with atomic's no-clobber
+    calls; between them replace one file and read it back, checking each
+    read is one writer's whole file.
+
+    ``store`` names the shared directory (no store is made there).
+    """
+    shared, me = store.path, job["name"]
+    mine = os.path.join(shared, f".sources-{me.replace('/', '_')}")
+    os.makedirs(mine, exist_ok=True)
+    rng = random.Random(job["seed"])
+    won: dict[str, bool] = {}
+    reads = torn = 0
+    for n in range(job["rounds"]):
+        body = f"{me} {n}".encode()
+        source = os.path.join(mine, f"renamed-{n}")
+        atomic.write_bytes(source, message(me, body), overwrite=True)
+        attempts: list[tuple[str, Callable[[], object]]] = [
+            (
+                f"file-{n}",
+                functools.partial(atomic.write_bytes, f"{shared}/file-{n}", message(me, body)),
+            ),
+            (f"folder-{n}", functools.partial(_fill_folder, f"{shared}/folder-{n}", me, body)),
+            (f"renamed-{n}", functools.partial(atomic.rename, source, f"{shared}/renamed-{n}")),
+        ]
+        for name, attempt in attempts:
+            try:
+                attempt()
+            except FileExistsError:
+                won[name] = False
+            else:
+                won[name] = True
+        big = rng.randbytes(64 * 1024)
+        atomic.write_bytes(f"{shared}/replaced", message(f"{me}/{n}", big), overwrite=True)
+        for _ in range(3):
+            try:
+                with open(f"{shared}/replaced", "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                torn += 1  # a replaced name is never missing
+                continue
+            reads += 1
+            torn += not parse(data)[1]
+    return {"won": won, "reads": reads, "torn": torn}
+
+
+def _fill_folder(path: str, me: str, body: bytes) -> None:
+    with atomic.folder(path) as staging:
+        for part in ("a", "b"):
+            (staging / part).write_bytes(message(me, body + part.encode()))
+
+
 JOBS: dict[str, Callable[[FileStore, Spec], Result]] = {
     "produce": produce,
     "consume": consume,
@@ -374,6 +427,7 @@ JOBS: dict[str, Callable[[FileStore, Spec], Result]] = {
     "add_when_ready": add_when_ready,
     "probe": probe,
     "race": race,
+    "atomic_writes": atomic_writes,
 }
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import pytest
 
 import multihost
+import multihost_worker
 import test_races
 from atomstore import ClaimLostError, FileStore
 from atomstore._info import escape_hostname
@@ -596,3 +597,57 @@ def test_same_operation_races_across_hosts(
     # recover that lost moved nothing, and a finish may always come first).
     assert tally.calls["release ClaimLostError"] > 0, summary
     assert tally.calls["requeue FileNotFoundError"] > 0, summary
+
+
+# -- atomic writes of the same names from several hosts -----------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["sshfs", *ENGINES_IN_CI])
+def test_atomic_writes_from_two_hosts_never_clobber(
+    cluster: Callable[..., Cluster], engine: str
+) -> None:
+    rounds = 20
+    hosts = cluster(2, engine)
+    shared = hosts.store_dir("shared")
+    shared.mkdir()
+    run = hosts.launch(
+        {h: [Job("atomic_writes", {"store": "main/shared", "rounds": rounds})] for h in hosts.hosts}
+    )
+    run.wait_ready()
+    run.go()
+    results = run.wait(120)
+
+    by_host = {host_of(key): r for key, r in results.items()}
+    for n in range(rounds):
+        for kind in ("file", "folder", "renamed"):
+            name = f"{kind}-{n}"
+            winners = [h for h, r in by_host.items() if r["won"][name]]
+            assert len(winners) == 1, (name, winners)  # one won, the other was told
+            [winner] = winners
+            sender = f"{winner}#0"
+            if kind == "folder":
+                parts = sorted(os.listdir(shared / name))
+                assert parts == ["a", "b"], (name, parts)
+                for part in parts:
+                    data = (shared / name / part).read_bytes()
+                    assert multihost_worker.parse(data) == (sender, True), (name, part)
+            else:
+                data = (shared / name).read_bytes()
+                assert multihost_worker.parse(data) == (sender, True), name
+        # A loser's rename left its source where it was.
+        for h, r in by_host.items():
+            if not r["won"][f"renamed-{n}"]:
+                sources = shared / f".sources-{h.replace('/', '_')}#0"
+                assert (sources / f"renamed-{n}").exists(), (h, n)
+    for h, r in by_host.items():
+        assert r["torn"] == 0, (h, r["torn"], r["reads"])
+        assert r["reads"] > 0
+    left = sorted(n for n in os.listdir(shared) if n.startswith(".") and ".atomstore-" in n)
+    assert left == []
+    wins = collections.Counter(h for h, r in by_host.items() for w in r["won"].values() if w)
+    reads = sum(r["reads"] for r in by_host.values())
+    print(
+        f"\n{engine}: {3 * rounds} names written from 2 hosts, one winner each {dict(wins)}; "
+        f"{reads} reads of a file being replaced, none torn"
+    )
