@@ -419,6 +419,39 @@ def _fill_folder(path: str, me: str, body: bytes) -> None:
             (staging / part).write_bytes(message(me, body + part.encode()))
 
 
+def bench(store: FileStore, job: Spec) -> Result:
+    """Produce or consume ``count`` messages of ``size`` bytes with atomstore
+    or with dirq's QueueSimple (``library``), timed (benchmarks/bench_hosts.py)."""
+    count, body = job["count"], b"x" * job["size"]
+    started = time.monotonic()
+    done = 0
+    if job["library"] == "dirq":
+        import importlib  # dirq ships no types
+
+        queue = importlib.import_module("dirq.QueueSimple").QueueSimple(store.path)
+        if job["side"] == "produce":
+            for _ in range(count):
+                queue.add(body)
+        else:
+            while done < count:
+                for name in queue:
+                    if queue.lock(name):
+                        queue.get(name)
+                        queue.remove(name)
+                        done += 1
+    elif job["side"] == "produce":
+        for _ in range(count):
+            store.add(body)
+    else:
+        while done < count:
+            claim = store.claim(wait=1.0)
+            if claim is not None:
+                claim.read_bytes()
+                claim.finish()
+                done += 1
+    return {"started": started, "ended": time.monotonic()}
+
+
 JOBS: dict[str, Callable[[FileStore, Spec], Result]] = {
     "produce": produce,
     "consume": consume,
@@ -428,6 +461,7 @@ JOBS: dict[str, Callable[[FileStore, Spec], Result]] = {
     "probe": probe,
     "race": race,
     "atomic_writes": atomic_writes,
+    "bench": bench,
 }
 
 
