@@ -14,6 +14,7 @@ uses the store must run below this process.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import hashlib
@@ -162,7 +163,7 @@ def consume(store: FileStore, job: Spec) -> Result:
             return {"timed_out": True}
         started = time.monotonic()
         try:
-            claim = store.claim(wait=wait)
+            claim = store.claim(wait=wait, oldest=job.get("oldest", True))
         except OSError as e:
             errors.add("claim", e, started)
             continue
@@ -356,7 +357,7 @@ def race(store: FileStore, job: Spec) -> Result:
         )
         barrier = os.path.join(job["barrier"], str(number))
         os.makedirs(barrier, exist_ok=True)
-        atomic.write_text(os.path.join(barrier, job["name"]), "", overwrite=True)
+        atomic.write_text(os.path.join(barrier, job["name"].replace("/", "_")), "", overwrite=True)
         deadline = time.monotonic() + 60
         while len(os.listdir(barrier)) < job["parties"]:
             if time.monotonic() > deadline:
@@ -379,7 +380,9 @@ def atomic_writes(store: FileStore, job: Spec) -> Result:
     os.makedirs(mine, exist_ok=True)
     rng = random.Random(job["seed"])
     won: dict[str, bool] = {}
-    reads = torn = 0
+    reads = 0
+    torn: list[int] = []  # the sizes of reads that were not one writer's whole file
+    failed: collections.Counter[str] = collections.Counter()
     for n in range(job["rounds"]):
         body = f"{me} {n}".encode()
         source = os.path.join(mine, f"renamed-{n}")
@@ -405,12 +408,13 @@ def atomic_writes(store: FileStore, job: Spec) -> Result:
             try:
                 with open(f"{shared}/replaced", "rb") as f:
                     data = f.read()
-            except FileNotFoundError:
-                torn += 1  # a replaced name is never missing
+            except OSError as e:
+                failed[errno.errorcode.get(e.errno or 0, str(e.errno))] += 1
                 continue
             reads += 1
-            torn += not parse(data)[1]
-    return {"won": won, "reads": reads, "torn": torn}
+            if not parse(data)[1]:
+                torn.append(len(data))
+    return {"won": won, "reads": reads, "torn": torn, "failed": dict(failed)}
 
 
 def _fill_folder(path: str, me: str, body: bytes) -> None:

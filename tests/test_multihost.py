@@ -245,7 +245,12 @@ def test_exchange_across_hosts_loses_and_duplicates_nothing(
         {
             host: [
                 Job("produce", {"count": per_producer, "max_seconds": 300.0}),
-                Job("consume", {"stop": Flag("stop"), "max_seconds": 300.0}),
+                # The first host's consumer takes the oldest message, the
+                # others any: both ways of claiming, side by side.
+                Job(
+                    "consume",
+                    {"stop": Flag("stop"), "max_seconds": 300.0, "oldest": host.index == 0},
+                ),
             ]
             for host in hosts.hosts
         }
@@ -397,7 +402,6 @@ def test_waiting_consumer_polls_for_another_hosts_message(
 RECOVERY = 5.0  # the seconds after a fault in which a call may still fail
 SLOWEST_CALL = 15.0  # a call taking longer counts as a hang
 FAULT_HOSTS = [
-    pytest.param("sshfs", 2, id="sshfs-2"),
     pytest.param("sshfs", 3, id="sshfs-3"),
     *(pytest.param(e, n, id=f"{e}-{n}") for e in ENGINES_IN_CI for n in (2, 3)),
 ]
@@ -540,7 +544,7 @@ RACES = {
     "requeue-requeue": ("requeue", "requeue"),
     "finish-recover": ("finish", "recover"),
 }
-RACE_ROUNDS, RACE_MESSAGES = 3, 10
+RACE_ROUNDS, RACE_MESSAGES = 2, 10
 
 
 def on_observer(record: test_races.Record, base: Path) -> test_races.Record:
@@ -549,8 +553,13 @@ def on_observer(record: test_races.Record, base: Path) -> test_races.Record:
     return record
 
 
+# Not sshfs: it numbers inodes itself, so a mover that lost cannot tell
+# the other host's link of the same file from another file (README).
+RACE_HOSTS = [pytest.param(e, n, id=f"{e}-{n}") for e in ENGINES_IN_CI for n in (2, 3)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("engine", "count"), ON_HOSTS)
+@pytest.mark.parametrize(("engine", "count"), RACE_HOSTS)
 def test_same_operation_races_across_hosts(
     cluster: Callable[..., Cluster], engine: str, count: int
 ) -> None:
@@ -602,6 +611,11 @@ def test_same_operation_races_across_hosts(
 # -- atomic writes of the same names from several hosts -----------------------
 
 
+# What a reader's open may meet while another host replaces the file: the
+# client's cached name points at the file that went (README).
+READ_RACE_ERRORS = {"glusterfs": {"ESTALE", "ENOENT"}, "juicefs": {"ENOENT"}}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["sshfs", *ENGINES_IN_CI])
 def test_atomic_writes_from_two_hosts_never_clobber(
@@ -641,13 +655,17 @@ def test_atomic_writes_from_two_hosts_never_clobber(
                 sources = shared / f".sources-{h.replace('/', '_')}#0"
                 assert (sources / f"renamed-{n}").exists(), (h, n)
     for h, r in by_host.items():
-        assert r["torn"] == 0, (h, r["torn"], r["reads"])
+        assert r["torn"] == [], (h, r)
         assert r["reads"] > 0
+        # A reader racing the other host's replace may be told the file it
+        # looked up went, never given part of a file.
+        assert set(r["failed"]) <= READ_RACE_ERRORS.get(engine, set()), (h, r)
     left = sorted(n for n in os.listdir(shared) if n.startswith(".") and ".atomstore-" in n)
     assert left == []
     wins = collections.Counter(h for h, r in by_host.items() for w in r["won"].values() if w)
     reads = sum(r["reads"] for r in by_host.values())
     print(
         f"\n{engine}: {3 * rounds} names written from 2 hosts, one winner each {dict(wins)}; "
-        f"{reads} reads of a file being replaced, none torn"
+        f"{reads} reads of a file being replaced, none torn; "
+        f"{[dict(r['failed']) for r in by_host.values()]} failed"
     )

@@ -735,3 +735,26 @@ def test_native_rename_eexist_with_a_source_that_cannot_be_looked_at_stays_eexis
     monkeypatch.undo()
     assert src.read_bytes() == b"mine"
     assert dst.read_bytes() == b"theirs"
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EEXIST, errno.ENOTEMPTY])
+def test_last_resort_rename_onto_a_name_made_meanwhile_says_eexist(
+    tmp_path: Path, trace: Recorder, code: int
+) -> None:
+    # Without flags or links (a directory on sshfs), the name is checked,
+    # then renamed onto: another host made it in between, and the server
+    # refused the rename (SFTP says EPERM).
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+
+    def made_meanwhile(s: str, d: str) -> None:
+        os.mkdir(d)
+        raise OSError(code, os.strerror(code), s, None, d)
+
+    trace.replace["rename"] = made_meanwhile
+    caps = Capabilities(noreplace=False, exchange=False, hardlinks=False)
+    with pytest.raises(FileExistsError) as info:
+        _rename.rename_noreplace(str(src), str(dst), caps)
+    assert info.value.filename == str(dst)
+    assert src.is_dir()
+    assert dst.is_dir()

@@ -39,6 +39,8 @@ _LINK_REFUSED = frozenset(
     {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 )
 
+# A plain rename onto a name made since it was checked, as servers refuse it.
+_TAKEN_MEANWHILE = frozenset({errno.EPERM, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR})
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -380,7 +382,14 @@ def rename_noreplace(
         if not os.path.lexists(src):  # as rename(2): a missing source comes first
             raise _missing_error(src, dst)
         raise _exists_error(dst)
-    _syscalls.rename(src, dst)
+    try:
+        _syscalls.rename(src, dst)
+    except OSError as e:
+        # Made meanwhile, and refused by the server (SFTP answers EPERM for
+        # a directory moved onto one): the name is taken.
+        if e.errno in _TAKEN_MEANWHILE and os.path.lexists(src) and os.path.lexists(dst):
+            raise _exists_error(dst) from None
+        raise
 
 
 def _source_taken(src: str, dst: str) -> bool:
