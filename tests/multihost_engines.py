@@ -162,8 +162,8 @@ class Gluster(Engine):
     tools = ("glusterd", "gluster", "glusterfs")
     # network.ping-timeout: a client that hears nothing from the brick for
     # this many seconds drops it, and its calls fail with ENOTCONN.
-    PING_TIMEOUT = 3
-    outage = PING_TIMEOUT + 5.0
+    PING_TIMEOUT = 2
+    outage = PING_TIMEOUT + 3.0
     VOLUME = "atomstore"
     CACHES: ClassVar[dict[str, tuple[str, ...]]] = {
         FRESH: (),
