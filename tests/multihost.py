@@ -229,24 +229,28 @@ class Cluster:
         if not self.engine.direct_view:
             self.view = self._mount_observer()
 
+    def _spawn(self, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in a session of its own, its output appended to
+        ``log``; it is killed when the cluster closes."""
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            )
+        self._processes.append(process)
+        return process
+
     def spawn_server(self, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
         """Start a server in the server's namespaces (network, mount, PID).
 
         Its PID namespace ends whatever it starts when it ends.
         """
-        with open(log, "ab") as out:
-            process = subprocess.Popen(
-                [
-                    *command("ip", "netns", "exec", self.server_netns),
-                    *command("unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *argv),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
-        self._processes.append(process)
-        return process
+        return self._spawn(
+            [
+                *command("ip", "netns", "exec", self.server_netns),
+                *command("unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *argv),
+            ],
+            log,
+        )
 
     def _mount_observer(self) -> Path:
         """Mount the engine's client, without caches, where the test sees it."""
@@ -254,17 +258,11 @@ class Cluster:
         path.mkdir()
         log = self.root / "observer.log"
         argv = self.engine.client(self, None, path, FRESH_LISTINGS)
-        with open(log, "ab") as out:
-            # Only the network namespace is the server's: the mount is made
-            # in the test's own mount namespace.
-            process = subprocess.Popen(
-                [*command("nsenter", f"--net=/run/netns/{self.server_netns}"), *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
-        self._processes.append(process)
+        # Only the network namespace is the server's: the mount is made in
+        # the test's own mount namespace.
+        process = self._spawn(
+            [*command("nsenter", f"--net=/run/netns/{self.server_netns}"), *argv], log
+        )
         self._mounts.append(path)
         wait_for_mount(path, process, log)
         return path
@@ -462,20 +460,14 @@ class Cluster:
             )
             log = directory / f"{host.device}.log"
             run.logs[host.hostname] = log
-            with open(log, "wb") as out:
-                agent = subprocess.Popen(
-                    [
-                        *command("ip", "netns", "exec", host.netns),
-                        *command("unshare", "--uts", "--pid", "--fork", "--mount-proc"),
-                        *("--kill-child", sys.executable, str(WORKER), str(spec_path)),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
-                    start_new_session=True,
-                )
-            self._processes.append(agent)
-            run.agents[host.hostname] = agent
+            run.agents[host.hostname] = self._spawn(
+                [
+                    *command("ip", "netns", "exec", host.netns),
+                    *command("unshare", "--uts", "--pid", "--fork", "--mount-proc"),
+                    *("--kill-child", sys.executable, str(WORKER), str(spec_path)),
+                ],
+                log,
+            )
         return run
 
     # -- tear down -------------------------------------------------------
