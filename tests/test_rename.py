@@ -9,13 +9,14 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import pytest
 
 from atomstore import _rename, _renameat2, atomic
 from atomstore._rename import Capabilities
 from fstree import listing
-from needs import need_root
+from needs import need, need_root
 from tracing import Recorder, named_staging
 
 # -- rename ---------------------------------------------------------------
@@ -737,7 +738,9 @@ def test_native_rename_eexist_with_a_source_that_cannot_be_looked_at_stays_eexis
     assert dst.read_bytes() == b"theirs"
 
 
-@pytest.mark.parametrize("code", [errno.EPERM, errno.EEXIST, errno.ENOTEMPTY])
+@pytest.mark.parametrize(
+    "code", [errno.EPERM, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR]
+)
 def test_last_resort_rename_onto_a_name_made_meanwhile_says_eexist(
     tmp_path: Path, trace: Recorder, code: int
 ) -> None:
@@ -758,3 +761,87 @@ def test_last_resort_rename_onto_a_name_made_meanwhile_says_eexist(
     assert info.value.filename == str(dst)
     assert src.is_dir()
     assert dst.is_dir()
+
+
+def test_last_resort_rename_onto_a_file_made_meanwhile_says_eexist(tmp_path: Path) -> None:
+    # rename(2) of a directory onto a file answers ENOTDIR; the checked
+    # rename says the name is taken, as RENAME_NOREPLACE would.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "part").write_bytes(b"mine")
+    real_lexists = os.path.lexists
+    checked: list[str] = []
+
+    def lexists(path: str) -> bool:
+        if path == str(dst) and not checked:  # checked before the other host made it
+            checked.append(path)
+            dst.write_bytes(b"theirs")
+            return False
+        return real_lexists(path)
+
+    caps = Capabilities(noreplace=False, exchange=False, hardlinks=False)
+    with mock.patch.object(os.path, "lexists", lexists), pytest.raises(FileExistsError):
+        _rename.rename_noreplace(str(src), str(dst), caps)
+    assert (src / "part").read_bytes() == b"mine"
+    assert dst.read_bytes() == b"theirs"
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR])
+def test_last_resort_refusal_without_a_name_made_meanwhile_is_reported_as_it_is(
+    tmp_path: Path, trace: Recorder, code: int
+) -> None:
+    # A genuine refusal (an immutable directory, a sticky /tmp) with no
+    # destination made: the caller is told what the kernel said.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+
+    def refused(s: str, d: str) -> None:
+        raise OSError(code, os.strerror(code), s, None, d)
+
+    trace.replace["rename"] = refused
+    caps = Capabilities(noreplace=False, exchange=False, hardlinks=False)
+    with pytest.raises(OSError) as info:
+        _rename.rename_noreplace(str(src), str(dst), caps)
+    assert info.value.errno == code
+    assert not isinstance(info.value, FileExistsError)
+    assert src.is_dir()
+    assert not dst.exists()
+
+
+def test_last_resort_refusal_after_the_source_went_is_not_called_taken(
+    tmp_path: Path, trace: Recorder
+) -> None:
+    # The destination was made meanwhile, but the source went too (another
+    # mover took it): not a name taken from under a source still there.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+
+    def moved_away(s: str, d: str) -> None:
+        os.rename(s, d)
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), s, None, d)
+
+    trace.replace["rename"] = moved_away
+    caps = Capabilities(noreplace=False, exchange=False, hardlinks=False)
+    with pytest.raises(PermissionError):
+        _rename.rename_noreplace(str(src), str(dst), caps)
+    assert dst.is_dir()
+
+
+def test_last_resort_rename_in_an_immutable_directory_says_eperm(tmp_path: Path) -> None:
+    # A real refusal: chattr +i on the directory; nothing was made there.
+    need_root()
+    src = tmp_path / "box" / "src"
+    src.parent.mkdir()
+    src.mkdir()
+    need(
+        subprocess.run(["chattr", "+i", str(src.parent)], check=False).returncode == 0,
+        "needs chattr +i (ext4, xfs or btrfs, as root)",
+    )
+    try:
+        caps = Capabilities(noreplace=False, exchange=False, hardlinks=False)
+        with pytest.raises(PermissionError) as info:
+            _rename.rename_noreplace(str(src), str(src.parent / "dst"), caps)
+        assert info.value.errno == errno.EPERM
+    finally:
+        subprocess.run(["chattr", "-i", str(src.parent)], check=True)
+    assert os.listdir(src.parent) == ["src"]

@@ -39,8 +39,11 @@ _LINK_REFUSED = frozenset(
     {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 )
 
-# A plain rename onto a name made since it was checked, as servers refuse it.
-_TAKEN_MEANWHILE = frozenset({errno.EPERM, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR})
+# A plain rename onto a name made since it was checked, as servers (and
+# rename(2): a directory onto a file is ENOTDIR) refuse it.
+_TAKEN_MEANWHILE = frozenset(
+    {errno.EPERM, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR}
+)
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 
