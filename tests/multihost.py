@@ -12,7 +12,7 @@ engine's client and runs the jobs below its mount.
 
 The test reads what is "on the server" through :meth:`Cluster.store_dir`:
 the exported directory itself (sshfs), or an *observer*, a client of the
-engine's without caches, mounted from the server's network namespace.
+engine's with no caches, mounted from the server's network namespace.
 Everything the cluster starts runs in its namespaces and is killed, its
 mounts released and the namespaces deleted, when it closes.
 """
@@ -36,6 +36,7 @@ import needs
 from multihost_engines import (
     ENGINES,
     FRESH,
+    NONE,
     SERVICE_ADDRESS,
     STALE,
     Engine,
@@ -49,6 +50,7 @@ WORKER = Path(__file__).with_name("multihost_worker.py")
 HOSTNAMES = ("alpha", "beta:2", "gamma/3")  # two need escaping in unique names
 FRESH_LISTINGS = Mount(FRESH)
 STALE_CACHES = Mount(STALE)
+NO_CACHES = Mount(NONE)
 # sshfs fails within seconds, not hangs, when the server cannot be reached:
 # a dead connection is dropped after ServerAliveInterval * ServerAliveCountMax,
 # and sshfs's reconnect then finds the route gone (or gives up on
@@ -253,11 +255,11 @@ class Cluster:
         )
 
     def _mount_observer(self) -> Path:
-        """Mount the engine's client, without caches, where the test sees it."""
+        """Mount the engine's client, with no caches, where the test sees it."""
         path = self.root / "observer"
         path.mkdir()
         log = self.root / "observer.log"
-        argv = self.engine.client(self, None, path, FRESH_LISTINGS)
+        argv = self.engine.client(self, None, path, NO_CACHES)
         # Only the network namespace is the server's: the mount is made in
         # the test's own mount namespace.
         process = self._spawn(

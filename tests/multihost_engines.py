@@ -6,14 +6,17 @@ foreground: on a host (from the host's namespaces), or as the test's own
 *observer* (from the server's network namespace, in the test's mount
 namespace, so that the test reads what is on the server through it).
 
-Every client comes in two cache modes:
+A host's client comes in two cache modes:
 
 ``fresh``
-    no attribute, entry or listing caches: another host's change shows at
-    once;
+    the engine's own defaults, as a user mounts it (listings not cached:
+    another host's new message shows within a second);
 ``stale``
     everything cached for a minute: stale listings, stale names, stale
     attributes.  Only the server's rename may decide who owns a message.
+
+The observer mounts with ``none``: no attribute, entry or listing caches,
+so that the test sees what the server holds.
 
 A :class:`Mount` names the mode and any options of the engine's own.
 """
@@ -25,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,10 +67,16 @@ def run(*argv: str, timeout: float = 60.0) -> str:
     return done.stdout
 
 
-def wait_for(condition: object, what: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    """Wait up to 30 s for ``condition()``; fail if ``process`` ends first."""
+def wait_for(
+    condition: object,
+    what: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 30.0,
+) -> None:
+    """Wait for ``condition()``; fail if ``process`` ends first."""
     assert callable(condition)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None or time.monotonic() > deadline:
             text = log.read_text(errors="replace")[-3000:] if log.exists() else ""
@@ -98,6 +108,8 @@ class Engine:
     #: a call on a dead link waits for the link to come back instead of
     #: failing (the engine retries through an outage)
     holds_calls = False
+    #: the messages the exchange test sends, and the seconds it allows
+    exchange = (10_000, 300.0)
 
     def need(self) -> None:
         for name in self.tools:
@@ -313,4 +325,213 @@ class JuiceFS(Engine):
         )
 
 
-ENGINES: dict[str, Engine] = {e.name: e for e in (Sshfs(), Gluster(), JuiceFS())}
+class MooseFS(Engine):
+    """A MooseFS master and one chunkserver, mfsmount clients."""
+
+    name = "moosefs"
+    tools = ("mfsmaster", "mfschunkserver", "mfsmount")
+    EMPTY_METADATA = Path("/var/lib/mfs/metadata.mfs.empty")
+    # mfstimeout: a call the master does not answer within this many
+    # seconds fails with EIO instead of waiting (the default, 0, waits).
+    TIMEOUT = 3
+    outage = TIMEOUT + 3.0
+    CACHES: ClassVar[dict[str, tuple[str, ...]]] = {
+        FRESH: (),
+        NONE: (
+            "mfsattrcacheto=0",
+            "mfsentrycacheto=0",
+            "mfsdirentrycacheto=0",
+            "mfsnegentrycacheto=0",
+        ),
+        STALE: (
+            "mfsattrcacheto=60",
+            "mfsentrycacheto=60",
+            "mfsdirentrycacheto=60",
+            "mfsnegentrycacheto=60",
+        ),
+    }
+
+    def start(self, cluster: Cluster) -> None:
+        state = cluster.root / "moosefs"
+        for sub in ("master", "chunks", "hdd"):
+            (state / sub).mkdir(parents=True)
+        shutil.copy(self.EMPTY_METADATA, state / "master" / "metadata.mfs")
+        (state / "mfsexports.cfg").write_text("*\t/\trw,alldirs,maproot=0:0\n")
+        (state / "mfsmaster.cfg").write_text(
+            "WORKING_USER = root\nWORKING_GROUP = root\n"
+            f"DATA_PATH = {state / 'master'}\nEXPORTS_FILENAME = {state / 'mfsexports.cfg'}\n"
+        )
+        (state / "mfshdd.cfg").write_text(f"{state / 'hdd'}\n")
+        (state / "mfschunkserver.cfg").write_text(
+            "WORKING_USER = root\nWORKING_GROUP = root\n"
+            f"DATA_PATH = {state / 'chunks'}\nHDD_CONF_FILENAME = {state / 'mfshdd.cfg'}\n"
+            f"MASTER_HOST = {SERVICE_ADDRESS}\nMASTER_RECONNECTION_DELAY = 1\n"
+        )
+        script = f"""
+            set -e
+            "{tool("mfsmaster")}" -f -c "{state}/mfsmaster.cfg" start &
+            "{tool("mfschunkserver")}" -f -c "{state}/mfschunkserver.cfg" start &
+            wait
+        """
+        log = cluster.root / "moosefs.log"
+        process = cluster.spawn_server(["sh", "-c", script], log)
+
+        def serving() -> bool:
+            # The chunkserver has registered with the master.
+            return "connected to Master" in log.read_text(errors="replace")
+
+        wait_for(serving, "starting MooseFS", process, log)
+
+    def client(self, cluster: Cluster, host: Host | None, path: Path, mount: Mount) -> list[str]:
+        options = (f"mfstimeout={self.TIMEOUT}", *self.CACHES[mount.caches], *mount.options)
+        return command("mfsmount", "-f", "-H", SERVICE_ADDRESS, "-o", ",".join(options), str(path))
+
+
+class CephFS(Engine):
+    """A one-node Ceph cluster (monitor, memstore OSD, MDS); ceph-fuse clients.
+
+    CephFS keeps clients coherent with capabilities the MDS hands out, so
+    there is no stale mode to ask for: ``stale`` mounts as ``fresh`` does.
+    """
+
+    name = "cephfs"
+    tools = ("monmaptool", "ceph-mon", "ceph-mgr", "ceph-osd", "ceph-mds", "ceph", "ceph-fuse")
+    # The MDS takes back the capabilities of a client it has not heard from
+    # for this long (its least): the other hosts wait for what a killed
+    # client held until then.
+    SESSION_TIMEOUT = 30
+    outage = 5.0
+    holds_calls = True
+    # Two clients in one directory pass its capabilities back and forth
+    # through the MDS: a few dozen messages a second.
+    exchange = (2_000, 600.0)
+
+    def conf(self, cluster: Cluster) -> Path:
+        return cluster.root / "ceph" / "ceph.conf"
+
+    def start(self, cluster: Cluster) -> None:
+        state = cluster.root / "ceph"
+        for sub in ("run", "log", "mon-a", "mgr-a", "osd-0", "mds-a"):
+            (state / sub).mkdir(parents=True)
+        fsid, osd_uuid = uuid.uuid4(), uuid.uuid4()
+        conf = self.conf(cluster)
+        conf.write_text(
+            f"""[global]
+fsid = {fsid}
+mon host = {SERVICE_ADDRESS}
+auth cluster required = none
+auth service required = none
+auth client required = none
+run dir = {state}/run
+log file = {state}/log/$name.$pid.log
+admin socket = {state}/run/$name.$pid.asok
+pid file =
+osd pool default size = 1
+osd pool default min size = 1
+mon allow pool size one = true
+mon warn on pool no redundancy = false
+osd crush chooseleaf type = 0
+osd objectstore = memstore
+memstore device bytes = 1073741824
+mon data = {state}/mon-$id
+osd data = {state}/osd-$id
+mds data = {state}/mds-$id
+mgr data = {state}/mgr-$id
+"""
+        )
+        ceph = f'"{tool("ceph")}" -c "{conf}"'
+        script = f"""
+            set -e
+            "{tool("monmaptool")}" --create --fsid {fsid} --add a {SERVICE_ADDRESS} \
+                "{state}/monmap" >/dev/null
+            "{tool("ceph-mon")}" -c "{conf}" --mkfs -i a --monmap "{state}/monmap"
+            "{tool("ceph-mon")}" -c "{conf}" -f -i a &
+            # The manager reports the placement groups' states.
+            "{tool("ceph-mgr")}" -c "{conf}" -f -i a &
+            osd=$({ceph} osd new {osd_uuid})
+            "{tool("ceph-osd")}" -c "{conf}" -i $osd --mkfs --osd-uuid {osd_uuid}
+            "{tool("ceph-osd")}" -c "{conf}" -f -i $osd &
+            until {ceph} osd stat | grep -q "1 up"; do sleep 0.2; done
+            {ceph} osd pool create cephfs_meta 8 >/dev/null
+            {ceph} osd pool create cephfs_data 8 >/dev/null
+            # The MDS writes its first objects at once: wait for the PGs.
+            until {ceph} pg stat | grep -qE '^([0-9]+) pgs: \\1 active\\+clean;'; do
+                sleep 0.2
+            done
+            {ceph} fs new cephfs cephfs_meta cephfs_data >/dev/null
+            {ceph} fs set cephfs session_timeout {self.SESSION_TIMEOUT}
+            {ceph} fs set cephfs session_autoclose {self.SESSION_TIMEOUT + 5}
+            "{tool("ceph-mds")}" -c "{conf}" -f -i a &
+            until {ceph} mds stat | grep -q "up:active"; do sleep 0.2; done
+            touch "{state}/started"
+            wait
+        """
+        log = cluster.root / "ceph.log"
+        process = cluster.spawn_server(["sh", "-c", script], log)
+        wait_for((state / "started").exists, "starting Ceph", process, log, timeout=90)
+
+    def client(self, cluster: Cluster, host: Host | None, path: Path, mount: Mount) -> list[str]:
+        return command("ceph-fuse", "-f", "-c", str(self.conf(cluster)), *mount.options, str(path))
+
+
+class SeaweedFS(Engine):
+    """A SeaweedFS master, volume server and filer in one ``weed server``;
+    ``weed mount`` clients."""
+
+    name = "seaweedfs"
+    tools = ("weed",)
+    FILER = 8888
+    # A claim that loses its race waits for the filer's answer: a few
+    # messages a second per consumer.
+    exchange = (2_000, 600.0)
+    CACHES: ClassVar[dict[str, tuple[str, ...]]] = {
+        FRESH: (),
+        NONE: ("-cacheMetaTtlSec=0",),
+        STALE: ("-cacheMetaTtlSec=60",),
+    }
+
+    def start(self, cluster: Cluster) -> None:
+        state = cluster.root / "seaweedfs"
+        state.mkdir()
+        log = cluster.root / "seaweedfs.log"
+        process = cluster.spawn_server(
+            command(
+                "weed",
+                "server",
+                f"-dir={state}",
+                f"-ip={SERVICE_ADDRESS}",
+                "-ip.bind=0.0.0.0",
+                "-filer",
+                f"-filer.port={self.FILER}",
+                f"-filer.localSocket={state / 'filer.sock'}",
+                "-master.volumeSizeLimitMB=64",
+                "-volume.max=20",
+            ),
+            log,
+        )
+
+        def serving() -> bool:
+            # The filer runs, and the volume server has joined the master.
+            text = log.read_text(errors="replace")
+            return "Start Seaweed Filer" in text and "found new uuid" in text
+
+        wait_for(serving, "starting SeaweedFS", process, log, timeout=60)
+
+    def client(self, cluster: Cluster, host: Host | None, path: Path, mount: Mount) -> list[str]:
+        label = "observer" if host is None else host.device
+        cache = cluster.root / f"seaweedfs-cache-{label}-{path.name}"
+        return command(
+            "weed",
+            "mount",
+            f"-filer={SERVICE_ADDRESS}:{self.FILER}",
+            f"-dir={path}",
+            f"-cacheDir={cache}",
+            f"-localSocket={cluster.root / f'weed-{label}-{path.name}.sock'}",
+            *self.CACHES[mount.caches],
+            *mount.options,
+        )
+
+
+ENGINES: dict[str, Engine] = {
+    e.name: e for e in (Sshfs(), Gluster(), JuiceFS(), MooseFS(), CephFS(), SeaweedFS())
+}

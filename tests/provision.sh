@@ -3,9 +3,13 @@
 # FUSE, strace, sshfs, an SSH server, iproute2, GlusterFS's server and
 # client, Redis for JuiceFS's metadata) where this runs as root with
 # apt-get; elsewhere it only says what is missing, and those tests skip with
-# the reason.
+# the reason.  `provision.sh measured` adds Ceph's and MooseFS's servers and
+# clients, for tox's "measured" env.
 set -u
 packages=(xfsprogs btrfs-progs e2fsprogs fuse3 libfuse3-dev pkg-config strace sshfs openssh-server openssh-client iproute2 util-linux glusterfs-server glusterfs-client redis-server)
+if [ "${1:-}" = measured ]; then
+    packages+=(ceph-mon ceph-osd ceph-mds ceph-fuse ceph-common moosefs-master moosefs-chunkserver moosefs-client)
+fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

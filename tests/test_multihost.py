@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
 import os
 import random
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,10 +36,18 @@ from tracing import Recorder, named_staging
 Results = dict[str, dict[str, Any]]
 
 
+def interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
-    """Start a file server and N hosts; everything is torn down afterwards."""
+    """Start a file server and N hosts; everything is torn down afterwards,
+    also when the run is ended with SIGTERM (``timeout``, a cancelled CI
+    job): it interrupts the test as Ctrl-C does."""
     with contextlib.ExitStack() as stack:
+        previous = signal.signal(signal.SIGTERM, interrupted)
+        stack.callback(signal.signal, signal.SIGTERM, previous)
 
         def start(count: int, engine: str = "sshfs") -> Cluster:
             return stack.enter_context(multihost.cluster(tmp_path, count, engine))
@@ -227,11 +237,24 @@ def test_sshfs_capabilities_and_no_clobber(cluster: Callable[..., Cluster]) -> N
 
 
 ENGINES_IN_CI = ("glusterfs", "juicefs")
+# Run by tox's "measured" env only (pytest -m measured), not on every CI run.
+ENGINES_MEASURED = ("cephfs", "moosefs", "seaweedfs")
+
+
+def engines(counts: tuple[int, ...] = (2, 3)) -> list[Any]:
+    """The (engine, hosts) parameters: CI's engines, then the measured ones."""
+    return [
+        *(pytest.param(e, n, id=f"{e}-{n}") for e in ENGINES_IN_CI for n in counts),
+        *(
+            pytest.param(e, n, id=f"{e}-{n}", marks=pytest.mark.measured)
+            for e in ENGINES_MEASURED
+            for n in counts
+        ),
+    ]
+
+
 QUICK = {"options": {"durable": False}}
-ON_HOSTS = [
-    pytest.param("sshfs", 2, id="sshfs-2"),
-    *(pytest.param(e, n, id=f"{e}-{n}") for e in ENGINES_IN_CI for n in (2, 3)),
-]
+ON_HOSTS = [pytest.param("sshfs", 2, id="sshfs-2"), *engines()]
 
 
 @pytest.mark.slow
@@ -239,16 +262,17 @@ ON_HOSTS = [
 def test_exchange_across_hosts_loses_and_duplicates_nothing(
     cluster: Callable[..., Cluster], engine: str, count: int
 ) -> None:
-    per_producer = -(-10_000 // count)
     hosts = cluster(count, engine)
+    messages, limit = hosts.engine.exchange
+    per_producer = -(-messages // count)
     FileStore(hosts.store_dir()).prepare()
     run = hosts.launch(
         {
             host: [
                 # Not durable: the directory syncs would only slow the
                 # exchange down (fsync across hosts is the fault tests' part).
-                Job("produce", {"count": per_producer, "max_seconds": 300.0, **QUICK}),
-                Job("consume", {"stop": Flag("stop"), "max_seconds": 300.0, **QUICK}),
+                Job("produce", {"count": per_producer, "max_seconds": limit, **QUICK}),
+                Job("consume", {"stop": Flag("stop"), "max_seconds": limit, **QUICK}),
             ]
             for host in hosts.hosts
         }
@@ -260,7 +284,7 @@ def test_exchange_across_hosts_loses_and_duplicates_nothing(
     new_dir = hosts.store_dir() / "new"
     run.wait_until(
         lambda: all(run.done(k) for k in producers) and not visible(new_dir),
-        300,
+        limit,
         "exchanging messages",
     )
     run.raise_flag("stop")
@@ -399,10 +423,7 @@ def test_waiting_consumer_polls_for_another_hosts_message(
 
 RECOVERY = 5.0  # the seconds after a fault in which a call may still fail
 SLOWEST_CALL = 15.0  # a call taking longer counts as a hang
-FAULT_HOSTS = [
-    pytest.param("sshfs", 2, id="sshfs-2"),
-    *(pytest.param(e, n, id=f"{e}-{n}") for e in ENGINES_IN_CI for n in (2, 3)),
-]
+FAULT_HOSTS = [pytest.param("sshfs", 2, id="sshfs-2"), *engines()]
 
 
 @pytest.mark.slow
@@ -433,7 +454,7 @@ def test_link_down_and_client_killed_lose_and_duplicate_nothing(
         hosts.set_link(host, up=False)
         time.sleep(outage)
         hosts.set_link(host, up=True)
-        faults.append((host.hostname, down, time.monotonic()))
+        faults.append((host.hostname, down, time.monotonic(), "link"))
     if engine != "sshfs":
         # The last host's FUSE client is killed, its mount left dead for a
         # second, then mounted again.
@@ -443,7 +464,7 @@ def test_link_down_and_client_killed_lose_and_duplicate_nothing(
         run.raise_flag(f"kill-client-{host.device}")
         remounted = Path(run.flag(f"remounted-{host.device}"))
         run.wait_until(remounted.exists, 60, "remounting")
-        faults.append((host.hostname, killed, time.monotonic()))
+        faults.append((host.hostname, killed, time.monotonic(), "client killed"))
     time.sleep(1.0)
     run.raise_flag("stop-producers")
     new_dir = hosts.store_dir() / "new"
@@ -485,17 +506,24 @@ def test_link_down_and_client_killed_lose_and_duplicate_nothing(
     # only while it lasted (or the client reconnected); or, on an engine
     # that holds calls through an outage, they waited no longer than it.
     assert slowest < (outage + SLOWEST_CALL if hosts.engine.holds_calls else SLOWEST_CALL)
-    stray = []
-    for hostname, op, code, started, elapsed in errors:
-        assert isinstance(code, int), (hostname, op, code)
-        if not any(
-            h == hostname and started + elapsed >= down and started <= up + RECOVERY
-            for h, down, up in faults
-        ):
-            stray.append((hostname, op, errno.errorcode.get(code, code), started))
+
+    def during(hostname: str, down: float, up: float) -> list[tuple[Any, ...]]:
+        """The errors of ``hostname``'s calls that overlapped a fault."""
+        return [
+            e for e in errors if e[0] == hostname and e[3] + e[4] >= down and e[3] <= up + RECOVERY
+        ]
+
+    stray = [e for e in errors if not any(e in during(h, d, u) for h, d, u, _ in faults)]
+    assert all(isinstance(e[2], int) for e in errors), errors
     assert stray == [], faults
-    if not hosts.engine.holds_calls:
-        assert {e[0] for e in errors} == {h.hostname for h in hosts.hosts}
+    # Every fault was felt: calls on the host failed while it lasted, or, on
+    # an engine that holds calls through an outage, a call waited for it.
+    held: dict[str, float] = collections.defaultdict(float)  # each host's slowest call
+    for key, result in results.items():
+        held[host_of(key)] = max(held[host_of(key)], result["slowest"])
+    for hostname, down, up, kind in faults:
+        waited = kind == "link" and hosts.engine.holds_calls and held[hostname] > outage / 2
+        assert during(hostname, down, up) or waited, (hostname, kind, held)
 
     # Every message add() returned was delivered, complete, under its name.
     lost = set(published) - set(deliveries)
@@ -553,7 +581,24 @@ def on_observer(record: test_races.Record, base: Path) -> test_races.Record:
 
 # Not sshfs: it numbers inodes itself, so a mover that lost cannot tell
 # the other host's link of the same file from another file (README).
-RACE_HOSTS = [pytest.param(e, n, id=f"{e}-{n}") for e in ENGINES_IN_CI for n in (2, 3)]
+RACE_HOSTS = engines()
+# With a minute of entry caches, MooseFS shows a loser the moved source
+# still there and the winner's name not yet: it is told the name is taken
+# (FileExistsError), not that it lost (README).  Counted, not refused.
+TOLD_TAKEN_WHEN_STALE = {"moosefs"}
+
+
+@dataclasses.dataclass
+class StaleTally(test_races.Tally):
+    """A tally that counts a loser told FileExistsError apart."""
+
+    told_taken: int = 0
+
+    def add(self, kind: str, example: str) -> None:
+        if kind == "wrong error" and "FileExistsError" in example:
+            self.told_taken += 1
+        else:
+            super().add(kind, example)
 
 
 @pytest.mark.slow
@@ -565,6 +610,7 @@ def test_same_operation_races_across_hosts(
     base = hosts.store_dir("races")
     base.mkdir()
     tally = test_races.Tally()
+    stale = StaleTally(tally.counts, tally.examples, tally.calls)  # shares the counts
     for mode, mount in (("fresh", multihost.FRESH_LISTINGS), ("stale", multihost.STALE_CACHES)):
         plan: list[tuple[str, dict[str, int]]] = []
         rounds: dict[int, list[dict[str, Any]]] = {h.index: [] for h in hosts.hosts}
@@ -596,8 +642,11 @@ def test_same_operation_races_across_hosts(
                 for result in results.values()
                 for record in result["rounds"][number]
             ]
-            test_races.judge(str(base / name), ids, records, tally, f"{engine} {name}")
+            judged = stale if mode == "stale" and engine in TOLD_TAKEN_WHEN_STALE else tally
+            test_races.judge(str(base / name), ids, records, judged, f"{engine} {name}")
     summary = f"{engine}, {count} hosts, {2 * len(RACES) * RACE_ROUNDS} rounds:\n{tally.report()}"
+    if stale.told_taken:
+        summary += f"\nlosers told FileExistsError with stale caches: {stale.told_taken}"
     print("\n" + summary)
     assert not tally.counts, summary
     # The races took place: a release or requeue that lost was told so (a
@@ -618,12 +667,14 @@ TORN_READS_SEEN = {"sshfs"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["sshfs", *ENGINES_IN_CI])
+@pytest.mark.parametrize(
+    ("engine", "count"), [pytest.param("sshfs", 2, id="sshfs"), *engines((2,))]
+)
 def test_atomic_writes_from_two_hosts_never_clobber(
-    cluster: Callable[..., Cluster], engine: str
+    cluster: Callable[..., Cluster], engine: str, count: int
 ) -> None:
     rounds = 20
-    hosts = cluster(2, engine)
+    hosts = cluster(count, engine)
     shared = hosts.store_dir("shared")
     shared.mkdir()
     run = hosts.launch(

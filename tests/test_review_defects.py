@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from alarms import deadline
-from atomstore import Area, ClaimLostError, FileStore, _rename, atomic
+from atomstore import Area, ClaimLostError, FileStore, _rename, _store, atomic
 from atomstore._rename import Capabilities
 from forked import Children, exit_code
 from fstree import listing, store_entries
@@ -646,10 +646,35 @@ def test_14_eio_after_a_won_claim_is_the_claim(store: FileStore, trace: Recorder
 def test_14_eio_with_nothing_moved_is_raised(store: FileStore, trace: Recorder) -> None:
     store.add(b"1")
     trace.fail("rename", errno.EIO)
+    started = time.monotonic()
     with pytest.raises(OSError) as info:
         store.claim()
     assert info.value.errno == errno.EIO
     assert len(store.list("new")) == 1
+    # It looked for the outcome about a second, no longer.
+    assert sum(_store._OUTCOME_PAUSES) <= time.monotonic() - started < 5
+
+
+def test_14_eio_from_a_lost_claim_race_seen_late_moves_on(
+    store: FileStore, trace: Recorder
+) -> None:
+    # SeaweedFS: the loser of a rename race hears EIO, and its client shows
+    # the source in new/ until it learns of the winner's rename a moment later.
+    store.add(b"1")
+    second = store.add(b"2")
+
+    def lose_with_eio(src: str, dst: str) -> None:
+        trace.replace.pop("rename")
+        winner = src.replace("/new/", "/cur/") + ":1,A0,C1,P1,Tother"
+        threading.Timer(0.1, os.rename, (src, winner)).start()
+        raise OSError(errno.EIO, os.strerror(errno.EIO), src)
+
+    trace.replace["rename"] = lose_with_eio
+    claim = store.claim()
+    assert claim is not None
+    assert claim.name == second
+    assert store.list("new") == []
+    assert len(store.list("cur")) == 2  # the winner's claim and ours
 
 
 @pytest.mark.parametrize("locale", ["C", "C.UTF-8"])

@@ -83,6 +83,24 @@ _LEFTOVER_LOOK_EVERY = 0.5
 _LEFTOVER_STUCK_EVERY = 30.0
 
 
+# How long a claim whose rename answered EIO looks for its outcome: a client
+# that lost the race to another host (SeaweedFS) may show the source a
+# moment longer, until it hears of the other host's rename.
+_OUTCOME_PAUSES = (0.01, 0.04, 0.1, 0.25, 0.6)
+
+
+def _outcome_seen(claim_path: str, source: str) -> bool:
+    """After an unknown outcome: whether the claim name exists (the rename
+    took effect) or the source went (another consumer took it), waiting up
+    to a second for a client's view to settle."""
+    for pause in (*_OUTCOME_PAUSES, None):
+        if os.path.lexists(claim_path) or not os.path.lexists(source):
+            return True
+        if pause is not None:
+            time.sleep(pause)
+    return False
+
+
 class FileStore(Areas):
     """A store of files in ``tmp/``, ``new/`` and ``cur/`` under ``path``.
 
@@ -755,10 +773,11 @@ class FileStore(Areas):
                 self._unclaimable.add(name)
                 return None
             # An unknown outcome (EIO from a network filesystem whose reply
-            # was lost): look.  The claim name is ours alone.
+            # was lost, or that lost the race): look.  The claim name is
+            # ours alone.
+            if not _outcome_seen(claim_path, source):
+                raise
             if not os.path.lexists(claim_path):
-                if os.path.lexists(source):
-                    raise
                 return _LOST
         if self.durable:
             _tree.sync_dir(cur_dir)
