@@ -481,9 +481,10 @@ class SeaweedFS(Engine):
     name = "seaweedfs"
     tools = ("weed",)
     FILER = 8888
-    # A claim that loses its race waits for the filer's answer: a few
-    # messages a second per consumer.
-    exchange = (2_000, 600.0)
+    # weed mount retries a call the filer does not answer: it waits through
+    # an outage.
+    outage = 5.0
+    holds_calls = True
     CACHES: ClassVar[dict[str, tuple[str, ...]]] = {
         FRESH: (),
         NONE: ("-cacheMetaTtlSec=0",),

@@ -68,18 +68,25 @@ def wait_for(path: str, timeout: float) -> None:
 
 
 class Errors:
-    """The OSErrors a job met: what, errno, and how long the call took."""
+    """The OSErrors a job met: what, errno, and how long the call took; and
+    the calls that took a second or more (when they started, how long)."""
+
+    SLOW = 1.0
 
     def __init__(self) -> None:
         self.records: list[list[Any]] = []
         self.slowest = 0.0
+        self.slow: list[tuple[float, float]] = []
 
-    def timed(self, started: float) -> None:
-        self.slowest = max(self.slowest, time.monotonic() - started)
-
-    def add(self, op: str, error: OSError, started: float, ident: str = "") -> None:
+    def timed(self, started: float) -> float:
         elapsed = time.monotonic() - started
         self.slowest = max(self.slowest, elapsed)
+        if elapsed >= self.SLOW:
+            self.slow.append((started, elapsed))
+        return elapsed
+
+    def add(self, op: str, error: OSError, started: float, ident: str = "") -> None:
+        elapsed = self.timed(started)
         self.records.append([op, error.errno, str(error), started, elapsed, ident])
         time.sleep(_PAUSE_AFTER_ERROR)  # a dead link fails fast: do not spin
 
@@ -141,6 +148,7 @@ def produce(store: FileStore, job: Spec) -> Result:
         "attempted": seq,
         "errors": errors.records,
         "slowest": errors.slowest,
+        "slow": errors.slow,
         "pid": os.getpid(),
         "timed_out": False,
     }
@@ -191,6 +199,7 @@ def consume(store: FileStore, job: Spec) -> Result:
         "delivered": delivered,
         "errors": errors.records,
         "slowest": errors.slowest,
+        "slow": errors.slow,
         # A claim's rename that found its source gone: another consumer won.
         "lost_races": calls.counts.get("rename:ENOENT", 0),
         "timed_out": False,

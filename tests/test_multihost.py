@@ -241,12 +241,23 @@ ENGINES_IN_CI = ("glusterfs", "juicefs")
 ENGINES_MEASURED = ("cephfs", "moosefs", "seaweedfs")
 
 
-def engines(counts: tuple[int, ...] = (2, 3)) -> list[Any]:
-    """The (engine, hosts) parameters: CI's engines, then the measured ones."""
+def engines(counts: tuple[int, ...] = (2, 3), fails: dict[str, str] | None = None) -> list[Any]:
+    """The (engine, hosts) parameters: CI's engines, then the measured ones.
+
+    :param fails: the engines known to break what the test asserts, with
+        the reason (README): expected to fail, and the test fails if they
+        pass.
+    """
+    fails = fails or {}
+
+    def marks(engine: str) -> list[pytest.MarkDecorator]:
+        known = [pytest.mark.xfail(reason=fails[engine], strict=True)] if engine in fails else []
+        return [pytest.mark.measured, *known]
+
     return [
         *(pytest.param(e, n, id=f"{e}-{n}") for e in ENGINES_IN_CI for n in counts),
         *(
-            pytest.param(e, n, id=f"{e}-{n}", marks=pytest.mark.measured)
+            pytest.param(e, n, id=f"{e}-{n}", marks=marks(e))
             for e in ENGINES_MEASURED
             for n in counts
         ),
@@ -507,23 +518,30 @@ def test_link_down_and_client_killed_lose_and_duplicate_nothing(
     # that holds calls through an outage, they waited no longer than it.
     assert slowest < (outage + SLOWEST_CALL if hosts.engine.holds_calls else SLOWEST_CALL)
 
-    def during(hostname: str, down: float, up: float) -> list[tuple[Any, ...]]:
-        """The errors of ``hostname``'s calls that overlapped a fault."""
+    def during(hostname: str, down: float, up: float, after: float = RECOVERY) -> list[Any]:
+        """The errors of ``hostname``'s calls that overlapped a fault, or
+        the ``after`` seconds that followed it."""
         return [
-            e for e in errors if e[0] == hostname and e[3] + e[4] >= down and e[3] <= up + RECOVERY
+            e for e in errors if e[0] == hostname and e[3] + e[4] >= down and e[3] <= up + after
         ]
 
     stray = [e for e in errors if not any(e in during(h, d, u) for h, d, u, _ in faults)]
     assert all(isinstance(e[2], int) for e in errors), errors
     assert stray == [], faults
-    # Every fault was felt: calls on the host failed while it lasted, or, on
-    # an engine that holds calls through an outage, a call waited for it.
-    held: dict[str, float] = collections.defaultdict(float)  # each host's slowest call
+    # Every fault was felt, each by its own host while it lasted: a call
+    # failed, or (on an engine that holds calls through an outage) a call
+    # started before the link came back was held for half the outage.
+    slow: dict[str, list[list[float]]] = collections.defaultdict(list)  # calls of 1 s or more
     for key, result in results.items():
-        held[host_of(key)] = max(held[host_of(key)], result["slowest"])
+        slow[host_of(key)] += result["slow"]
     for hostname, down, up, kind in faults:
-        waited = kind == "link" and hosts.engine.holds_calls and held[hostname] > outage / 2
-        assert during(hostname, down, up) or waited, (hostname, kind, held)
+        held = [
+            (started, elapsed)
+            for started, elapsed in slow[hostname]
+            if down - outage < started < up and elapsed >= outage / 2
+        ]
+        waited = kind == "link" and hosts.engine.holds_calls and held
+        assert during(hostname, down, up, after=0.0) or waited, (hostname, kind, slow)
 
     # Every message add() returned was delivered, complete, under its name.
     lost = set(published) - set(deliveries)
@@ -581,7 +599,12 @@ def on_observer(record: test_races.Record, base: Path) -> test_races.Record:
 
 # Not sshfs: it numbers inodes itself, so a mover that lost cannot tell
 # the other host's link of the same file from another file (README).
-RACE_HOSTS = engines()
+RACE_HOSTS = engines(
+    fails={
+        "seaweedfs": "SeaweedFS's link() is not exclusive across hosts: two movers' links "
+        "of one message both succeed, and the loser's taking its link back removes it"
+    }
+)
 # With a minute of entry caches, MooseFS shows a loser the moved source
 # still there and the winner's name not yet: it is told the name is taken
 # (FileExistsError), not that it lost (README).  Counted, not refused.
@@ -642,8 +665,16 @@ def test_same_operation_races_across_hosts(
                 for result in results.values()
                 for record in result["rounds"][number]
             ]
-            judged = stale if mode == "stale" and engine in TOLD_TAKEN_WHEN_STALE else tally
-            test_races.judge(str(base / name), ids, records, judged, f"{engine} {name}")
+            excusing = mode == "stale" and engine in TOLD_TAKEN_WHEN_STALE
+            test_races.judge(
+                str(base / name), ids, records, stale if excusing else tally, f"{engine} {name}"
+            )
+            # Each of these races moves every claim out of cur/ (to new/, or
+            # finished): a loser told FileExistsError is excused only where
+            # another mover won.
+            stuck = visible(base / name / "cur")
+            if excusing and stuck:
+                tally.add("nobody won", f"{engine} {name}: {stuck} stayed in cur/")
     summary = f"{engine}, {count} hosts, {2 * len(RACES) * RACE_ROUNDS} rounds:\n{tally.report()}"
     if stale.told_taken:
         summary += f"\nlosers told FileExistsError with stale caches: {stale.told_taken}"

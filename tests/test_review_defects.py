@@ -655,6 +655,19 @@ def test_14_eio_with_nothing_moved_is_raised(store: FileStore, trace: Recorder) 
     assert sum(_store._OUTCOME_PAUSES) <= time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC])
+def test_14_a_refused_claim_is_raised_at_once(store: FileStore, trace: Recorder, code: int) -> None:
+    # Only an unknown outcome is waited for; a refusal is not one.
+    store.add(b"1")
+    trace.fail("rename", code)
+    started = time.monotonic()
+    with pytest.raises(OSError) as info:
+        store.claim()
+    assert info.value.errno == code
+    assert time.monotonic() - started < sum(_store._OUTCOME_PAUSES) / 2
+    assert len(store.list("new")) == 1
+
+
 def test_14_eio_from_a_lost_claim_race_seen_late_moves_on(
     store: FileStore, trace: Recorder
 ) -> None:

@@ -87,13 +87,18 @@ _LEFTOVER_STUCK_EVERY = 30.0
 # that lost the race to another host (SeaweedFS) may show the source a
 # moment longer, until it hears of the other host's rename.
 _OUTCOME_PAUSES = (0.01, 0.04, 0.1, 0.25, 0.6)
+# The errors that leave a rename's outcome unknown; any other is a refusal,
+# looked at once.
+_UNKNOWN_OUTCOME = frozenset(
+    {errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET, errno.ECONNABORTED}
+)
 
 
-def _outcome_seen(claim_path: str, source: str) -> bool:
-    """After an unknown outcome: whether the claim name exists (the rename
-    took effect) or the source went (another consumer took it), waiting up
-    to a second for a client's view to settle."""
-    for pause in (*_OUTCOME_PAUSES, None):
+def _outcome_seen(claim_path: str, source: str, settle: bool) -> bool:
+    """After a failed claim: whether the claim name exists (the rename took
+    effect) or the source went (another consumer took it); with ``settle``,
+    waiting up to a second for a client's view to show it."""
+    for pause in (*(_OUTCOME_PAUSES if settle else ()), None):
         if os.path.lexists(claim_path) or not os.path.lexists(source):
             return True
         if pause is not None:
@@ -772,10 +777,10 @@ class FileStore(Areas):
                 # it stays in new/ for an operator or its owner.
                 self._unclaimable.add(name)
                 return None
-            # An unknown outcome (EIO from a network filesystem whose reply
-            # was lost, or that lost the race): look.  The claim name is
-            # ours alone.
-            if not _outcome_seen(claim_path, source):
+            # An outcome unknown or refused: look.  The claim name is ours
+            # alone.  EIO and its kind (a network filesystem whose reply was
+            # lost, or that lost the race) may take a moment to show.
+            if not _outcome_seen(claim_path, source, e.errno in _UNKNOWN_OUTCOME):
                 raise
             if not os.path.lexists(claim_path):
                 return _LOST
