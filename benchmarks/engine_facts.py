@@ -52,6 +52,18 @@ def second_client(cluster: multihost.Cluster) -> Path:
     return path
 
 
+def unnamed(directory: Path) -> str:
+    """What becomes of an unnamed file (``O_TMPFILE``) linked and closed."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except OSError as e:
+        return f"refused ({errno.errorcode.get(e.errno or 0, e.errno)})"
+    os.close(fd)
+    _staging.forget_probes()
+    lost = _staging._loses_unnamed(str(directory), os.stat(directory).st_dev, True)
+    return {True: "lost once closed", False: "kept", None: "the probe cannot tell"}[lost]
+
+
 def fsyncs(directory: Path) -> str:
     answers = []
     with open(directory / "synced", "wb") as f:
@@ -120,10 +132,8 @@ def facts(engine: str) -> None:
             one, other = cluster.view / "facts", second_client(cluster) / "facts"
             one.mkdir()
             caps = _rename.capabilities(str(one))
-            _staging.forget_probes()
-            lost = _staging._loses_unnamed(str(one), os.stat(one).st_dev, True)
             print(f"{engine}: {_rename.describe(caps)}")
-            print(f"  unnamed files: {'lost once closed' if lost else 'kept'}")
+            print(f"  unnamed files: {unnamed(one)}")
             print(f"  fsync: {fsyncs(one)}")
             print(f"  another client lists a new name within {visibility(one, other):.3f} s")
             for call in ("link", "rename"):
