@@ -115,6 +115,7 @@ class Run:
     logs: dict[str, Path]
     results: dict[str, Path]  # "<hostname> <index> <role>" -> its JSON file
     ready: list[Path] = field(default_factory=list)  # one per host, once mounted
+    patience: float = 1.0  # the engine's: every timeout is multiplied by it
 
     def flag(self, name: str) -> str:
         """The path of a flag file that jobs and the test can raise."""
@@ -146,6 +147,7 @@ class Run:
         self._wait(condition, timeout, what)
 
     def _wait(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        timeout *= self.patience
         deadline = time.monotonic() + timeout
         while not condition():
             failed = {h: a.returncode for h, a in self.agents.items() if a.poll() not in (None, 0)}
@@ -157,6 +159,7 @@ class Run:
 
     def wait(self, timeout: float) -> dict[str, dict[str, Any]]:
         """Wait for every host to end; the jobs' results by key."""
+        timeout *= self.patience
         deadline = time.monotonic() + timeout
         for hostname, agent in self.agents.items():
             try:
@@ -408,7 +411,7 @@ class Cluster:
         mounts = {"main": FRESH_LISTINGS} if mounts is None else mounts
         directory = self.root / f"run{next(self._runs)}"
         directory.mkdir()
-        run = Run(directory, {}, {}, {})
+        run = Run(directory, {}, {}, {}, patience=self.engine.patience)
         for host, host_jobs in jobs.items():
             home = directory / host.device
             mount_specs: list[dict[str, Any]] = []
@@ -430,7 +433,7 @@ class Cluster:
                 key = f"{host.hostname} {i} {job.role}"
                 run.results[key] = directory / f"{host.device}-{i}.json"
                 params = {
-                    "max_seconds": 120.0,
+                    "max_seconds": 120.0 * self.engine.patience,
                     "seed": host.index * 1000 + i,
                     "name": f"{host.hostname}#{i}",
                     **job.params,
