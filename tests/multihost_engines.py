@@ -115,6 +115,9 @@ class Engine:
     exchange = (10_000, 300.0)
     #: how many times longer than the others its runs may take
     patience = 1.0
+    #: how long the other hosts' calls may wait for what a killed client
+    #: held (its locks or capabilities), until the server gives up on it
+    killed_client_holds = 0.0
 
     def need(self) -> None:
         for name in self.tools:
@@ -411,6 +414,7 @@ class CephFS(Engine):
     # through the MDS: a few dozen messages a second.
     exchange = (2_000, 120.0)
     patience = 5.0
+    killed_client_holds = float(SESSION_TIMEOUT)
 
     def conf(self, cluster: Cluster) -> Path:
         return cluster.root / "ceph" / "ceph.conf"
