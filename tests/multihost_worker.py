@@ -15,12 +15,14 @@ uses the store must run below this process.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import hashlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -523,7 +525,15 @@ def mount(spec: Spec) -> subprocess.Popen[bytes]:
         f.write(str(spec["pids_from"]))
     spec["pids_from"] += 100
     log = open(spec["log"], "ab")  # noqa: SIM115 - the child keeps it
-    process = subprocess.Popen(spec["command"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    # A group of its own: a client may serve the mount from a child of the
+    # process started (JuiceFS supervises its mount process).
+    process = subprocess.Popen(
+        spec["command"],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
     log.close()
     deadline = time.monotonic() + _MOUNT_TIMEOUT
     while not os.path.ismount(spec["path"]):
@@ -552,7 +562,8 @@ def kill_and_remount(spec: Spec, process: subprocess.Popen[bytes]) -> subprocess
     Until the new mount, the jobs' calls fail with ENOTCONN: a FUSE mount
     whose client died answers so.
     """
-    process.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # the whole client, children too
     process.wait()
     time.sleep(spec.get("down", 1.0))
     subprocess.run(["umount", "-l", spec["path"]], check=False)
