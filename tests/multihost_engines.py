@@ -86,6 +86,13 @@ def wait_for(
         time.sleep(0.02)
 
 
+def client_file(cluster: Cluster, host: Host | None, path: Path, what: str) -> Path:
+    """A file or directory of one client's own (its log, cache, socket),
+    named by its host (or the observer) and its mount."""
+    label = "observer" if host is None else host.device
+    return cluster.root / f"{what}-{label}-{path.name}"
+
+
 @dataclass(frozen=True)
 class Mount:
     """How a client mounts: its cache mode and options of the engine's own."""
@@ -228,13 +235,12 @@ class Gluster(Engine):
         wait_for((state / "started").exists, "starting glusterd", process, log)
 
     def client(self, cluster: Cluster, host: Host | None, path: Path, mount: Mount) -> list[str]:
-        label = "observer" if host is None else host.device
         return command(
             "glusterfs",
             "-N",
             f"--volfile-server={SERVICE_ADDRESS}",
             f"--volfile-id={self.VOLUME}",
-            f"--log-file={cluster.root / f'glusterfs-{label}-{path.name}.log'}",
+            f"--log-file={client_file(cluster, host, path, 'glusterfs')}.log",
             *self.CACHES[mount.caches],
             *mount.options,
             str(path),
@@ -317,8 +323,7 @@ class JuiceFS(Engine):
         )
 
     def client(self, cluster: Cluster, host: Host | None, path: Path, mount: Mount) -> list[str]:
-        label = "observer" if host is None else host.device
-        cache = cluster.root / f"juicefs-cache-{label}-{path.name}"
+        cache = client_file(cluster, host, path, "juicefs-cache")
         return command(
             "juicefs",
             "mount",
@@ -552,15 +557,14 @@ class SeaweedFS(Engine):
         wait_for(serving, "starting SeaweedFS", process, log, timeout=60)
 
     def client(self, cluster: Cluster, host: Host | None, path: Path, mount: Mount) -> list[str]:
-        label = "observer" if host is None else host.device
-        cache = cluster.root / f"seaweedfs-cache-{label}-{path.name}"
+        cache = client_file(cluster, host, path, "seaweedfs-cache")
         return command(
             "weed",
             "mount",
             f"-filer={SERVICE_ADDRESS}:{self.FILER}",
             f"-dir={path}",
             f"-cacheDir={cache}",
-            f"-localSocket={cluster.root / f'weed-{label}-{path.name}.sock'}",
+            f"-localSocket={client_file(cluster, host, path, 'weed')}.sock",
             *self.CACHES[mount.caches],
             *mount.options,
         )

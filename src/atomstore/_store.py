@@ -83,7 +83,7 @@ _LEFTOVER_LOOK_EVERY = 0.5
 _LEFTOVER_STUCK_EVERY = 30.0
 
 
-# How long a claim whose rename answered EIO looks for its outcome: a client
+# How long a claim whose rename left its outcome unknown (EIO) looks for it: a client
 # that lost the race to another host (SeaweedFS) may show the source a
 # moment longer, until it hears of the other host's rename.
 _OUTCOME_PAUSES = (0.01, 0.04, 0.1, 0.25, 0.6)
