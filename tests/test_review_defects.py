@@ -690,6 +690,81 @@ def test_14_eio_from_a_lost_claim_race_seen_late_moves_on(
     assert len(store.list("cur")) == 2  # the winner's claim and ours
 
 
+def test_14_a_won_claim_whose_name_shows_late_is_the_claim(
+    store: FileStore, trace: Recorder
+) -> None:
+    # The rename took effect and answered EIO; the client shows the source
+    # gone a moment before it shows the claim name.  Reported lost, the
+    # claim would sit in cur/ with no holder until recover().
+    name = store.add(b"1")
+
+    def won_with_eio(src: str, dst: str) -> None:
+        trace.replace.pop("rename")
+        hidden = os.path.join(os.path.dirname(dst), ".in-flight")
+        os.rename(src, hidden)
+        threading.Timer(0.1, os.rename, (hidden, dst)).start()
+        raise OSError(errno.EIO, os.strerror(errno.EIO), src)
+
+    trace.replace["rename"] = won_with_eio
+    claim = store.claim()
+    assert claim is not None
+    assert claim.name == name
+    assert claim.read_bytes() == b"1"
+    claim.finish()
+    assert store.list("cur") == []
+
+
+@pytest.mark.parametrize(("code", "settles"), [(errno.EIO, True), (errno.EUCLEAN, False)])
+def test_14_a_message_that_cannot_be_looked_at_is_raised_not_retried(
+    store: FileStore, trace: Recorder, monkeypatch: pytest.MonkeyPatch, code: int, settles: bool
+) -> None:
+    # A damaged inode (or a half-dead mount): its rename and its lstat both
+    # fail while new/ still lists.  Taken for a race lost, the name came
+    # back at every listing: claim() spun for ever.
+    store.add(b"1")
+    trace.fail("rename", code)
+    lstat = os.lstat
+
+    def damaged(path: str | os.PathLike[str], *args: object, **kwargs: object) -> os.stat_result:
+        if "/new/" in os.fspath(path):
+            raise OSError(code, os.strerror(code), path)
+        return lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", damaged)
+    started = time.monotonic()
+    with deadline(10), pytest.raises(OSError) as info:
+        store.claim(wait=0)
+    monkeypatch.undo()
+    assert info.value.errno == code
+    assert trace.count("rename") == 1
+    took = time.monotonic() - started
+    assert took < 5 if settles else took < sum(_store._OUTCOME_PAUSES) / 2
+    assert len(store.list("new")) == 1
+
+
+def test_14_a_directory_planted_at_the_claim_name_is_not_a_claim(
+    store: FileStore, trace: Recorder
+) -> None:
+    # The kernel refuses to rename a file onto a directory (EISDIR); a claim
+    # name that exists is a claim only when it is a file, or the message,
+    # still in new/, would be handed out twice.
+    name = store.add(b"1")
+
+    def planted(src: str, dst: str) -> None:
+        trace.replace.pop("rename")
+        os.mkdir(dst)
+        os.rename(src, dst)
+
+    trace.replace["rename"] = planted
+    with pytest.raises(IsADirectoryError):
+        store.claim()
+    assert [os.path.basename(p) for p in store.list("new")] == [name]
+    claim = store.claim()
+    assert claim is not None
+    assert claim.name == name
+    assert claim.read_bytes() == b"1"
+
+
 @pytest.mark.parametrize("locale", ["C", "C.UTF-8"])
 def test_6_the_command_prints_any_name_as_its_bytes(store: FileStore, locale: str) -> None:
     import subprocess

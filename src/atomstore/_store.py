@@ -94,15 +94,43 @@ _UNKNOWN_OUTCOME = frozenset(
 )
 
 
-def _outcome_seen(claim_path: str, source: str, settle: bool) -> bool:
-    """After a failed claim: whether the claim name exists (the rename took
-    effect) or the source went (another consumer took it); with ``settle``,
-    waiting up to a second for a client's view to show it."""
+def _claim_outcome(claim_path: str, source: str, settle: bool) -> bool | None:
+    """After a failed claim: True if it took effect (the claim name is a
+    file), False if another consumer took the message (the source is gone),
+    None if neither shows.  With ``settle``, a client's view is given up to
+    a second to show it, and a source gone is only a loss once the claim
+    name has had that second to appear: a client may show the rename's two
+    ends one after the other."""
+    gone = False
     for pause in (*(_OUTCOME_PAUSES if settle else ()), None):
-        if os.path.lexists(claim_path) or not os.path.lexists(source):
+        if _is_file(claim_path):
             return True
+        gone = _is_gone(source)
+        if gone and not settle:
+            return False
         if pause is not None:
             time.sleep(pause)
+    return False if gone else None
+
+
+def _is_file(path: str) -> bool:
+    """Whether ``path`` is a regular file (not a directory or anything else
+    planted at its name); False where it cannot be looked at."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_gone(path: str) -> bool:
+    """Whether ``path`` is known not to exist: an lstat that fails in any
+    other way (EIO from a damaged inode or a dead mount) proves nothing."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
     return False
 
 
@@ -778,11 +806,14 @@ class FileStore(Areas):
                 self._unclaimable.add(name)
                 return None
             # An outcome unknown or refused: look.  The claim name is ours
-            # alone.  EIO and its kind (a network filesystem whose reply was
-            # lost, or that lost the race) may take a moment to show.
-            if not _outcome_seen(claim_path, source, e.errno in _UNKNOWN_OUTCOME):
+            # alone; only a file there is our claim (EISDIR: something was
+            # planted at it).  EIO and its kind (a network filesystem whose
+            # reply was lost, or that lost the race) may take a moment to
+            # show.
+            won = _claim_outcome(claim_path, source, e.errno in _UNKNOWN_OUTCOME)
+            if won is None:
                 raise
-            if not os.path.lexists(claim_path):
+            if not won:
                 return _LOST
         if self.durable:
             _tree.sync_dir(cur_dir)
