@@ -690,12 +690,13 @@ def test_14_eio_from_a_lost_claim_race_seen_late_moves_on(
     assert len(store.list("cur")) == 2  # the winner's claim and ours
 
 
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOTCONN, errno.EREMOTEIO])
 def test_14_a_won_claim_whose_name_shows_late_is_the_claim(
-    store: FileStore, trace: Recorder
+    store: FileStore, trace: Recorder, code: int
 ) -> None:
-    # The rename took effect and answered EIO; the client shows the source
-    # gone a moment before it shows the claim name.  Reported lost, the
-    # claim would sit in cur/ with no holder until recover().
+    # The rename took effect and its reply was lost; the client shows the
+    # source gone a moment before it shows the claim name.  Reported lost,
+    # the claim would sit in cur/ with no holder until recover().
     name = store.add(b"1")
 
     def won_with_eio(src: str, dst: str) -> None:
@@ -703,7 +704,7 @@ def test_14_a_won_claim_whose_name_shows_late_is_the_claim(
         hidden = os.path.join(os.path.dirname(dst), ".in-flight")
         os.rename(src, hidden)
         threading.Timer(0.1, os.rename, (hidden, dst)).start()
-        raise OSError(errno.EIO, os.strerror(errno.EIO), src)
+        raise OSError(code, os.strerror(code), src)
 
     trace.replace["rename"] = won_with_eio
     claim = store.claim()
@@ -712,6 +713,98 @@ def test_14_a_won_claim_whose_name_shows_late_is_the_claim(
     assert claim.read_bytes() == b"1"
     claim.finish()
     assert store.list("cur") == []
+
+
+def test_14_a_claim_carried_out_twice_is_the_claim(store: FileStore, trace: Recorder) -> None:
+    # A rename that took effect and was sent again (NFS retransmitting, a
+    # FUSE rename retried after EINTR): the second finds no source, ENOENT.
+    name = store.add(b"1")
+
+    def done_then_retried(src: str, dst: str) -> None:
+        trace.replace.pop("rename")
+        os.rename(src, dst)
+        os.rename(src, dst)
+
+    trace.replace["rename"] = done_then_retried
+    claim = store.claim(wait=0)
+    assert claim is not None
+    assert claim.name == name
+    assert claim.read_bytes() == b"1"
+    claim.finish()
+    assert store.list("cur") == []
+
+
+def test_14_a_lost_race_whose_winner_gives_the_message_back_moves_on(
+    store: FileStore, trace: Recorder
+) -> None:
+    # The loser hears EIO and sees the message gone; within its second the
+    # winner gives it back under the same name (a release that counts no
+    # attempt).  The race was lost all the same: no EIO, nothing lost.
+    name = store.add(b"1")
+
+    def lose_then_given_back(src: str, dst: str) -> None:
+        trace.replace.pop("rename")
+        winner = src.replace("/new/", "/cur/") + ":1,A0,C1,P1,Tother"
+        os.rename(src, winner)
+        threading.Timer(0.3, os.rename, (winner, src)).start()
+        raise OSError(errno.EIO, os.strerror(errno.EIO), src)
+
+    trace.replace["rename"] = lose_then_given_back
+    claim = store.claim(wait=0)
+    if claim is None:  # the listing had no other name; the next claim takes it
+        claim = store.claim(wait=0)
+    assert claim is not None
+    assert claim.name == name
+    assert claim.read_bytes() == b"1"
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.EACCES])
+def test_14_another_file_at_the_claim_name_is_not_the_claim(
+    store: FileStore, trace: Recorder, code: int
+) -> None:
+    # A file linked at the claim name (a name read from earlier claims)
+    # while the rename failed and the message is still in new/: the claim
+    # is the message's own file only, or the message goes out twice.
+    name = store.add(b"1")
+    other = os.path.join(store.path, "other")
+    with open(other, "wb") as f:
+        f.write(b"someone else's")
+
+    def planted(src: str, dst: str) -> None:
+        trace.replace.pop("rename")
+        os.link(other, dst)
+        raise OSError(code, os.strerror(code), src)
+
+    trace.replace["rename"] = planted
+    with pytest.raises(OSError) as info:
+        store.claim(wait=0)
+    assert info.value.errno == code
+    assert [os.path.basename(p) for p in store.list("new")] == [name]
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE])
+def test_14_a_claim_name_that_cannot_be_looked_at_is_raised(
+    store: FileStore, trace: Recorder, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    # The rename took effect and answered EIO, and so does every lstat in
+    # cur/: its outcome stays unknown, and the caller hears so (the claim
+    # waits in cur/ for recover()); never a race lost.
+    store.add(b"1")
+    trace.fail("rename", errno.EIO, after=True)
+    lstat = os.lstat
+
+    def damaged(path: str | os.PathLike[str], *args: object, **kwargs: object) -> os.stat_result:
+        if "/cur/" in os.fspath(path):
+            raise OSError(code, os.strerror(code), path)
+        return lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", damaged)
+    with deadline(10), pytest.raises(OSError) as info:
+        store.claim(wait=0)
+    monkeypatch.undo()
+    assert info.value.errno == errno.EIO
+    assert store.list("new") == []
+    assert len(store.list("cur")) == 1
 
 
 @pytest.mark.parametrize(("code", "settles"), [(errno.EIO, True), (errno.EUCLEAN, False)])

@@ -83,55 +83,78 @@ _LEFTOVER_LOOK_EVERY = 0.5
 _LEFTOVER_STUCK_EVERY = 30.0
 
 
-# How long a claim whose rename left its outcome unknown (EIO) looks for it: a client
-# that lost the race to another host (SeaweedFS) may show the source a
-# moment longer, until it hears of the other host's rename.
+# How long a claim whose rename left its outcome unknown (EIO) looks for it:
+# a client that lost the race to another host (SeaweedFS) may show the
+# source a moment longer, until it hears of the other host's rename.
 _OUTCOME_PAUSES = (0.01, 0.04, 0.1, 0.25, 0.6)
-# The errors that leave a rename's outcome unknown; any other is a refusal,
-# looked at once.
+# The errors that leave a rename's outcome unknown (a reply lost on the way,
+# a connection gone); any other is a refusal, looked at once.
 _UNKNOWN_OUTCOME = frozenset(
-    {errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET, errno.ECONNABORTED}
+    getattr(errno, code)
+    for code in (
+        "EIO",
+        "ETIMEDOUT",
+        "ESTALE",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "ENOTCONN",
+        "ESHUTDOWN",
+        "EREMOTEIO",
+        "ECOMM",
+        "EPROTO",
+    )
+    if hasattr(errno, code)
 )
 
 
 def _claim_outcome(claim_path: str, source: str, settle: bool) -> bool | None:
-    """After a failed claim: True if it took effect (the claim name is a
-    file), False if another consumer took the message (the source is gone),
-    None if neither shows.  With ``settle``, a client's view is given up to
-    a second to show it, and a source gone is only a loss once the claim
-    name has had that second to appear: a client may show the rename's two
-    ends one after the other."""
-    gone = False
+    """After a failed claim: True if it took effect, False if another
+    consumer took the message, None if neither shows.
+
+    Only the message's own file at the claim name is the claim (the source
+    gone, or a second view of that very file).  A race is lost when both
+    names are seen missing; with ``settle`` (an unknown outcome) the claim
+    name is given up to a second to show, as a client may show a rename's
+    two ends one after the other, or hear of another host's late.  A name
+    that cannot be looked at (EIO) proves nothing.
+    """
+    lost = False
     for pause in (*(_OUTCOME_PAUSES if settle else ()), None):
-        if _is_file(claim_path):
-            return True
-        gone = _is_gone(source)
-        if gone and not settle:
-            return False
+        try:
+            claimed, left = _lstat(claim_path), _lstat(source)
+        except OSError:
+            pass
+        else:
+            if claimed is not None and stat.S_ISREG(claimed.st_mode):
+                if left is None or (left.st_dev, left.st_ino) == (
+                    claimed.st_dev,
+                    claimed.st_ino,
+                ):
+                    return True
+            elif claimed is None and left is None:
+                if not settle:
+                    return False
+                lost = True  # for good, even if the winner gives it back
         if pause is not None:
             time.sleep(pause)
-    return False if gone else None
+    return False if lost else None
 
 
 def _is_file(path: str) -> bool:
-    """Whether ``path`` is a regular file (not a directory or anything else
-    planted at its name); False where it cannot be looked at."""
+    """Whether a regular file is at ``path``; False where none can be seen."""
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
 
 
-def _is_gone(path: str) -> bool:
-    """Whether ``path`` is known not to exist: an lstat that fails in any
-    other way (EIO from a damaged inode or a dead mount) proves nothing."""
+def _lstat(path: str) -> os.stat_result | None:
+    """``path``'s lstat, or None if it does not exist; any other failure
+    is raised."""
     try:
-        os.lstat(path)
+        return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
-        return True
-    except OSError:
-        return False
-    return False
+        return None
 
 
 class FileStore(Areas):
@@ -795,7 +818,11 @@ class FileStore(Areas):
             # between consumers racing for the same message.
             _syscalls.rename(source, claim_path)
         except FileNotFoundError:
-            return _LOST  # another consumer was faster
+            # Another consumer was faster; or the rename took effect and was
+            # carried out again (a retransmitted NFS request, a FUSE rename
+            # retried after EINTR), and the second found no source.
+            if not _is_file(claim_path):
+                return _LOST
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG or (
                 e.errno == errno.EPERM and _owned_by_another(source)
