@@ -162,6 +162,37 @@ def test_link_fallback_eio_after_the_unlink_is_success(
     assert listing(tmp_path) == ["new"]
 
 
+@pytest.mark.parametrize("took_effect", [False, True])
+def test_link_fallback_keeps_both_names_when_the_source_cannot_be_looked_at(
+    tmp_path: Path,
+    force_caps: Callable[..., Capabilities],
+    trace: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    took_effect: bool,
+) -> None:
+    # The unlink answers EIO and the source's lstat too: whether it went
+    # is unknown.  Reported moved, a source still there would be moved (and
+    # delivered) again; its link taken back, a source gone would be lost.
+    force_caps(noreplace=False, exchange=False)
+    source = str(tmp_path / "msg")
+    (tmp_path / "msg").write_text("m")
+    trace.fail("unlink", errno.EIO, after=took_effect, when=lambda call: call.args[0] == source)
+    lstat = os.lstat
+
+    def damaged(path: str | os.PathLike[str], *args: object, **kwargs: object) -> os.stat_result:
+        if os.fspath(path) == source:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", damaged)
+    with pytest.raises(OSError) as info:
+        atomic.rename(source, tmp_path / "new")
+    monkeypatch.undo()
+    assert info.value.errno == errno.EIO
+    assert listing(tmp_path) == (["new"] if took_effect else ["msg", "new"])
+    assert (tmp_path / "new").read_text() == "m"
+
+
 def test_link_fallback_loses_a_race_cleanly(
     tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
 ) -> None:

@@ -7,6 +7,7 @@ stranded in ``cur/``.
 
 from __future__ import annotations
 
+import errno
 import os
 import pty
 import signal
@@ -21,6 +22,7 @@ import pytest
 
 from atomstore import Area, Claim, FileStore, Report
 from fstree import store_entries
+from tracing import Recorder
 
 COMMAND = [sys.executable, "-m", "atomstore"]
 
@@ -164,6 +166,30 @@ def test_a_worker_stopped_from_another_thread_lets_its_handlers_finish(
     assert report.cancelled == 0
     assert len(store.list("new")) == 18
     assert store.list("cur") == []
+
+
+def test_an_error_of_the_runner_lets_the_running_handlers_end(
+    store: FileStore, trace: Recorder
+) -> None:
+    # The claim of a second message fails while the first one's handler
+    # runs: that handler ends and its message is finished, never given back
+    # to be handled again; then the error is raised.
+    first = store.add(b"first")
+    second = store.add(b"second")
+    trace.fail("rename", errno.EACCES, when=lambda call: call.args[0].endswith("/" + second))
+    handled = []
+
+    def handler(claim: Claim) -> None:
+        time.sleep(0.5)
+        handled.append(claim.name)
+
+    worker = store.worker(handler, workers=2, drain=True)
+    with pytest.raises(PermissionError):
+        worker.run()
+    assert handled == [first]
+    report = worker.report
+    assert (report.done, report.failed, report.lost, report.cancelled) == (1, 0, 0, 0)
+    assert store_entries(store) == [f"new/{second}"]
 
 
 def test_a_keyboard_interrupt_stops_claiming_and_leaves_nothing_claimed(
@@ -370,6 +396,36 @@ def test_the_command_needs_a_command(store: FileStore) -> None:
     proc = work(store.path, "--drain")
     assert proc.returncode == 2
     assert "name the COMMAND" in proc.stderr
+
+
+def test_an_error_of_the_runner_lets_the_running_commands_finish(
+    store: FileStore, tmp_path: Path
+) -> None:
+    # As a signal does: the command running when a claim fails ends, its
+    # message is finished, and the summary comes before the error.
+    store.add(b"first")
+    second = store.add(b"second")
+    marker = tmp_path / "marker"
+    script = f"""
+import errno, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from tracing import Recorder
+from atomstore import _cli, _syscalls
+recorder = Recorder()
+recorder.fail("rename", errno.EACCES, when=lambda call: call.args[0].endswith("/{second}"))
+_syscalls.set_tracer(recorder)
+sys.exit(_cli.main(["work", "--no-sync", "-j", "2", "--drain", {store.path!r}, "--",
+                    "sh", "-c", "sleep 1; echo done >> {marker}"]))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert marker.read_text() == "done\n"
+    lines = proc.stderr.splitlines()
+    assert lines[0] == "atomstore: work: 1 done, 0 failed, 0 lost, 0 given back", lines
+    assert "Permission denied" in lines[1], lines
+    assert store_entries(store) == [f"new/{second}"]
 
 
 def test_a_command_that_cannot_start_gives_its_message_back(store: FileStore) -> None:

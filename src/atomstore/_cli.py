@@ -415,15 +415,17 @@ def cmd_work(args: argparse.Namespace) -> int:
     try:
         report = worker.run()
     finally:
+        # The summary also ends a run that an error of the runner ended.
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if show:
             sys.stderr.write("\n")
-    if not args.quiet:
-        _error(
-            f"work: {report.done} done, {report.failed} failed, "
-            f"{report.lost} lost, {report.cancelled} given back"
-        )
+        if not args.quiet:
+            ended = worker.report
+            _error(
+                f"work: {ended.done} done, {ended.failed} failed, "
+                f"{ended.lost} lost, {ended.cancelled} given back"
+            )
     if signalled:
         return 128 + signalled[0]
     return EXIT_FAILED if report.failed else EXIT_OK

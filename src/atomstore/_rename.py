@@ -461,8 +461,16 @@ def _link_then_unlink(src: str, dst: str, durable: bool, private: bool) -> bool:
             _tree.sync_dir(os.path.dirname(dst) or ".")
         _syscalls.unlink(src)
     except OSError as e:
-        if e.errno != errno.ENOENT and not os.path.lexists(src):
-            return True  # an unknown outcome (EIO), looked at: src is gone
+        if e.errno != errno.ENOENT:
+            # An unknown outcome (EIO): looked at.  A source that cannot be
+            # looked at either may be gone: the file keeps both names, and
+            # the caller hears the error.
+            try:
+                os.lstat(src)
+            except (FileNotFoundError, NotADirectoryError):
+                return True  # src is gone: moved
+            except OSError:
+                raise e from None
         _tree.unlink_quietly(dst)
         if e.errno == errno.ENOENT:
             # Another process moved or removed src between our link and

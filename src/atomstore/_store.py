@@ -140,14 +140,6 @@ def _claim_outcome(claim_path: str, source: str, settle: bool) -> bool | None:
     return False if lost else None
 
 
-def _is_file(path: str) -> bool:
-    """Whether a regular file is at ``path``; False where none can be seen."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
 def _lstat(path: str) -> os.stat_result | None:
     """``path``'s lstat, or None if it does not exist; any other failure
     is raised."""
@@ -656,6 +648,9 @@ class FileStore(Areas):
         :raises KeyboardInterrupt: after the running handlers ended: the
             first Ctrl-C stops claiming and lets them finish; a second one
             gives their messages back, uncounted, as soon as they return.
+        :raises OSError: an error of the runner itself (a claim or a
+            recovery that failed), likewise after the running handlers
+            ended and their messages were finished or released.
 
         Stop it from another thread (or a signal handler) through
         :meth:`worker`, which returns the :class:`Worker` unstarted.
@@ -821,7 +816,9 @@ class FileStore(Areas):
             # Another consumer was faster; or the rename took effect and was
             # carried out again (a retransmitted NFS request, a FUSE rename
             # retried after EINTR), and the second found no source.
-            if not _is_file(claim_path):
+            # A claim name that cannot be looked at (EIO) is raised.
+            found = _lstat(claim_path)
+            if found is None or not stat.S_ISREG(found.st_mode):
                 return _LOST
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG or (

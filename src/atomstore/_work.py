@@ -191,9 +191,11 @@ class Worker:
                 self._cancel_all()
             raise
         except BaseException:
-            # An error of the runner itself: what still runs is stopped and
-            # given back, never left claimed.
-            self._cancel_all()
+            # An error of the runner itself (a claim, a recovery, a job that
+            # could not start): claim no more, and let what runs end as a
+            # stop does, each settled as usual; then the error is raised.
+            self._stopping.set()
+            self._let_running_end()
             raise
         if self._progress is not None:
             self._progress(self.report)
@@ -225,17 +227,29 @@ class Worker:
         return started
 
     def _reap(self) -> None:
-        """Finish or release the claims whose jobs ended."""
-        still = []
-        for claim, job, keeper in self._running:
+        """Finish or release the claims whose jobs ended (each is no longer
+        running before it is settled, should settling raise)."""
+        for entry in list(self._running):
+            claim, job, keeper = entry
             outcome = job.result()
             if outcome is None:
-                still.append((claim, job, keeper))
                 continue
+            self._running.remove(entry)
             if keeper is not None:
                 keeper.__exit__(None, None, None)
             self._settle(claim, outcome, getattr(job, "error", None))
-        self._running = still
+
+    def _let_running_end(self) -> None:
+        """Wait for the running jobs to end, settling each; what still runs
+        when that fails, or when a second stop or an interrupt comes, is
+        stopped and given back, never left claimed."""
+        try:
+            while self._running and not self._cancelling.is_set():
+                self._reap()
+                if self._running:
+                    time.sleep(_TICK)
+        finally:
+            self._cancel_all()
 
     def _settle(self, claim: Claim, succeeded: bool, error: BaseException | None) -> None:
         if error is not None:
