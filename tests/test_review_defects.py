@@ -715,53 +715,6 @@ def test_14_a_won_claim_whose_name_shows_late_is_the_claim(
     assert store.list("cur") == []
 
 
-def test_14_a_claim_carried_out_twice_is_the_claim(store: FileStore, trace: Recorder) -> None:
-    # A rename that took effect and was sent again (NFS retransmitting, a
-    # FUSE rename retried after EINTR): the second finds no source, ENOENT.
-    name = store.add(b"1")
-
-    def done_then_retried(src: str, dst: str) -> None:
-        trace.replace.pop("rename")
-        os.rename(src, dst)
-        os.rename(src, dst)
-
-    trace.replace["rename"] = done_then_retried
-    claim = store.claim(wait=0)
-    assert claim is not None
-    assert claim.name == name
-    assert claim.read_bytes() == b"1"
-    claim.finish()
-    assert store.list("cur") == []
-
-
-def test_14_a_claim_carried_out_twice_whose_name_cannot_be_looked_at_is_raised(
-    store: FileStore, trace: Recorder, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # ENOENT from a rename carried out twice, and EIO from the claim name:
-    # the claim may be in cur/; the caller hears so, never a race lost.
-    store.add(b"1")
-
-    def done_then_retried(src: str, dst: str) -> None:
-        trace.replace.pop("rename")
-        os.rename(src, dst)
-        os.rename(src, dst)
-
-    trace.replace["rename"] = done_then_retried
-    lstat = os.lstat
-
-    def damaged(path: str | os.PathLike[str], *args: object, **kwargs: object) -> os.stat_result:
-        if "/cur/" in os.fspath(path):
-            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-        return lstat(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "lstat", damaged)
-    with deadline(10), pytest.raises(OSError) as info:
-        store.claim(wait=0)
-    monkeypatch.undo()
-    assert info.value.errno == errno.EIO
-    assert len(store.list("cur")) == 1
-
-
 def test_14_a_lost_race_whose_winner_gives_the_message_back_moves_on(
     store: FileStore, trace: Recorder
 ) -> None:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -190,6 +190,113 @@ def test_an_error_of_the_runner_lets_the_running_handlers_end(
     report = worker.report
     assert (report.done, report.failed, report.lost, report.cancelled) == (1, 0, 0, 0)
     assert store_entries(store) == [f"new/{second}"]
+
+
+def _claims_of(store: FileStore, *bodies: bytes) -> Callable[[bytes], Callable[[Any], bool]]:
+    """Messages with these bodies; ``is_(body)`` matches a call on the
+    path its claim has, once claimed (for faults)."""
+    for body in bodies:
+        store.add(body)
+    return lambda body: (
+        lambda call: os.path.basename(str(call.args[0])).startswith(
+            tuple(os.path.basename(p) for p in store.list("cur") if Path(p).read_bytes() == body)
+            or ("\0",)
+        )
+    )
+
+
+def test_a_failed_settling_after_an_error_of_the_runner_spares_the_other_jobs(
+    store: FileStore, trace: Recorder
+) -> None:
+    # The runner fails (a claim refused), then one job's finish fails too:
+    # the other running job's message is finished all the same, and the
+    # first error is the one raised.
+    is_ = _claims_of(store, b"a", b"b", b"c")
+    trace.fail("rename", errno.EACCES, when=lambda call: _body_in_new(call) == b"c")
+    trace.fail("unlink", errno.EIO, when=is_(b"a"))
+
+    def handler(claim: Claim) -> None:
+        time.sleep(0.3 if claim.read_bytes() == b"a" else 0.6)
+
+    worker = store.worker(handler, workers=3, drain=True)
+    with pytest.raises(PermissionError):
+        worker.run()
+    assert (worker.report.done, worker.report.cancelled) == (1, 0)
+    assert contents(store, "new") == [b"c"]
+    assert contents(store, "cur") == [b"a"]  # its finish failed: for recover()
+
+
+def _body_in_new(call: Any) -> bytes | None:
+    path = str(call.args[0])
+    return Path(path).read_bytes() if "/new/" in path and os.path.isfile(path) else None
+
+
+@pytest.mark.parametrize("how", ["stop", "interrupt"])
+def test_a_first_stop_after_an_error_of_the_runner_lets_the_jobs_finish(
+    store: FileStore, trace: Recorder, how: str
+) -> None:
+    # The runner already stops as a first stop does: a stop or a Ctrl-C
+    # then is that first one, not the second that cancels; a Ctrl-C is
+    # raised with the runner's error as its cause.
+    _claims_of(store, b"a", b"b")
+    trace.fail("rename", errno.EACCES, when=lambda call: _body_in_new(call) == b"b")
+    started = threading.Event()
+
+    def handler(claim: Claim) -> None:
+        started.set()
+        time.sleep(1.0)
+
+    worker = store.worker(handler, workers=2, drain=True)
+
+    def stop_once_running() -> None:
+        started.wait(10)
+        time.sleep(0.2)
+        if how == "stop":
+            worker.stop()
+        else:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    threading.Thread(target=stop_once_running).start()
+    expected = PermissionError if how == "stop" else KeyboardInterrupt
+    with pytest.raises(expected) as info:
+        worker.run()
+    if how == "interrupt":
+        assert isinstance(info.value.__cause__, PermissionError)
+    assert (worker.report.done, worker.report.cancelled) == (1, 0)
+    assert contents(store, "new") == [b"b"]
+    assert store.list("cur") == []
+
+
+def test_a_failed_give_back_leaves_the_others_to_go_back(store: FileStore, trace: Recorder) -> None:
+    # A second stop gives the running messages back; one give-back fails:
+    # the others still go back and every lease renewal stops.
+    is_ = _claims_of(store, b"a", b"b", b"c")
+    for call in ("rename", "renameat2", "link"):
+        trace.fail(call, errno.EIO, when=is_(b"a"))
+    running = threading.Semaphore(0)
+
+    def handler(claim: Claim) -> None:
+        running.release()
+        time.sleep(1.0)
+
+    before = threading.active_count()
+    worker = store.worker(handler, workers=3, lease=30)
+
+    def stop_twice() -> None:
+        for _ in range(3):
+            running.acquire(timeout=10)
+        worker.stop()
+        worker.stop()
+
+    threading.Thread(target=stop_twice).start()
+    with pytest.raises(OSError) as info:
+        worker.run()
+    assert info.value.errno == errno.EIO
+    assert (worker.report.done, worker.report.cancelled) == (0, 2)
+    assert contents(store, "new") == [b"b", b"c"]
+    assert contents(store, "cur") == [b"a"]
+    time.sleep(1.2)  # the handlers' threads end
+    assert threading.active_count() == before
 
 
 def test_a_keyboard_interrupt_stops_claiming_and_leaves_nothing_claimed(
@@ -398,11 +505,14 @@ def test_the_command_needs_a_command(store: FileStore) -> None:
     assert "name the COMMAND" in proc.stderr
 
 
+@pytest.mark.parametrize("signum", [None, signal.SIGTERM])
 def test_an_error_of_the_runner_lets_the_running_commands_finish(
-    store: FileStore, tmp_path: Path
+    store: FileStore, tmp_path: Path, signum: int | None
 ) -> None:
-    # As a signal does: the command running when a claim fails ends, its
-    # message is finished, and the summary comes before the error.
+    # As a first signal does: the command running when a claim fails ends,
+    # its message is finished, and the summary comes before the error.  A
+    # signal then is that first one, not the second that stops commands;
+    # the error decides the exit status.
     store.add(b"first")
     second = store.add(b"second")
     marker = tmp_path / "marker"
@@ -415,14 +525,16 @@ recorder = Recorder()
 recorder.fail("rename", errno.EACCES, when=lambda call: call.args[0].endswith("/{second}"))
 _syscalls.set_tracer(recorder)
 sys.exit(_cli.main(["work", "--no-sync", "-j", "2", "--drain", {store.path!r}, "--",
-                    "sh", "-c", "sleep 1; echo done >> {marker}"]))
+                    "sh", "-c", "echo start >> {marker}; sleep 1.5; echo done >> {marker}"]))
 """
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 1, proc.stderr
-    assert marker.read_text() == "done\n"
-    lines = proc.stderr.splitlines()
+    runner = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    if signum is not None:
+        _wait_for(lambda: marker.exists())
+        runner.send_signal(signum)
+    _, err = runner.communicate(timeout=60)
+    assert runner.returncode == 1, err
+    assert marker.read_text() == "start\ndone\n"
+    lines = err.splitlines()
     assert lines[0] == "atomstore: work: 1 done, 0 failed, 0 lost, 0 given back", lines
     assert "Permission denied" in lines[1], lines
     assert store_entries(store) == [f"new/{second}"]

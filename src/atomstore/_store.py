@@ -813,13 +813,10 @@ class FileStore(Areas):
             # between consumers racing for the same message.
             _syscalls.rename(source, claim_path)
         except FileNotFoundError:
-            # Another consumer was faster; or the rename took effect and was
-            # carried out again (a retransmitted NFS request, a FUSE rename
-            # retried after EINTR), and the second found no source.
-            # A claim name that cannot be looked at (EIO) is raised.
-            found = _lstat(claim_path)
-            if found is None or not stat.S_ISREG(found.st_mode):
-                return _LOST
+            # Another consumer was faster.  Not looked at further: on
+            # CephFS, consumers that looked into cur/ after each race lost
+            # stalled for minutes.
+            return _LOST
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG or (
                 e.errno == errno.EPERM and _owned_by_another(source)

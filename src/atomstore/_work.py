@@ -124,6 +124,7 @@ class Worker:
         self._stopping = threading.Event()
         self._cancelling = threading.Event()
         self._running: list[tuple[Claim, Job, KeepAlive | None]] = []
+        self._error: Exception | None = None
         self.report = Report()
 
     def stop(self) -> None:
@@ -141,7 +142,9 @@ class Worker:
         """Run until stopped, or drained; return the report.
 
         A KeyboardInterrupt stops it as :meth:`stop` does (the running jobs
-        end, then it is raised again); a second one cancels them.
+        end, then it is raised again); a second one cancels them.  An error
+        of the runner itself (a claim or a recovery that failed, a job that
+        could not start) stops it likewise, then is raised.
         """
         interrupted = False
         while True:
@@ -155,7 +158,9 @@ class Worker:
                 continue
             break
         if interrupted:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt from self._error
+        if self._error is not None:
+            raise self._error
         return self.report
 
     def _loop(self) -> None:
@@ -163,47 +168,57 @@ class Worker:
         next_progress = time.monotonic() + 0.5
         try:
             while True:
-                self._reap()
-                if self._cancelling.is_set():
-                    self._cancel_all()
-                if self._stopping.is_set():
-                    if not self._running:
+                try:
+                    self._reap()
+                    if self._cancelling.is_set():
+                        self._cancel_all()
+                    if not self._claiming():
+                        if not self._running:
+                            break
+                        time.sleep(_TICK)
+                        continue
+                    now = time.monotonic()
+                    if self._lease is not None and now >= next_recovery:
+                        next_recovery = now + self._lease / 2
+                        self._store.recover(self._lease)
+                    if self._progress is not None and now >= next_progress:
+                        next_progress = now + 0.5
+                        self._progress(self.report)
+                    started = self._fill_slots()
+                    if started:
+                        continue
+                    if self._drain and not self._running and self._nothing_left():
                         break
-                    time.sleep(_TICK)
-                    continue
-                now = time.monotonic()
-                if self._lease is not None and now >= next_recovery:
-                    next_recovery = now + self._lease / 2
-                    self._store.recover(self._lease)
-                if self._progress is not None and now >= next_progress:
-                    next_progress = now + 0.5
-                    self._progress(self.report)
-                started = self._fill_slots()
-                if started:
-                    continue
-                if self._drain and not self._running and self._nothing_left():
-                    break
-                if len(self._running) >= self._workers:
-                    time.sleep(_TICK)
+                    if len(self._running) >= self._workers:
+                        time.sleep(_TICK)
+                except Exception as e:
+                    # An error of the runner itself: claim no more, and let
+                    # what runs end as a first stop does, each settled as
+                    # usual (a failed settling is the job's alone).  The
+                    # first such error is raised at the end.
+                    if self._error is None:
+                        self._error = e
         except KeyboardInterrupt:
             if self._stopping.is_set():  # a second one: cancel
                 self._cancelling.set()
                 self._cancel_all()
             raise
         except BaseException:
-            # An error of the runner itself (a claim, a recovery, a job that
-            # could not start): claim no more, and let what runs end as a
-            # stop does, each settled as usual; then the error is raised.
-            self._stopping.set()
-            self._let_running_end()
+            # SystemExit and its kind: what still runs is stopped and given
+            # back, never left claimed.
+            self._cancel_all()
             raise
-        if self._progress is not None:
+        if self._progress is not None and self._error is None:
             self._progress(self.report)
+
+    def _claiming(self) -> bool:
+        """Whether to claim more: neither stopped nor failed."""
+        return not self._stopping.is_set() and self._error is None
 
     def _fill_slots(self) -> bool:
         """Claim and start jobs while slots are free; whether any started."""
         started = False
-        while len(self._running) < self._workers and not self._stopping.is_set():
+        while len(self._running) < self._workers and self._claiming():
             # Wait for a message only when nothing runs: a running job's end
             # must be seen soon.
             wait = _TICK if self._running or started else 0.5
@@ -239,18 +254,6 @@ class Worker:
                 keeper.__exit__(None, None, None)
             self._settle(claim, outcome, getattr(job, "error", None))
 
-    def _let_running_end(self) -> None:
-        """Wait for the running jobs to end, settling each; what still runs
-        when that fails, or when a second stop or an interrupt comes, is
-        stopped and given back, never left claimed."""
-        try:
-            while self._running and not self._cancelling.is_set():
-                self._reap()
-                if self._running:
-                    time.sleep(_TICK)
-        finally:
-            self._cancel_all()
-
     def _settle(self, claim: Claim, succeeded: bool, error: BaseException | None) -> None:
         if error is not None:
             del self.report.errors[:-99]
@@ -266,10 +269,16 @@ class Worker:
             self.report.lost += 1
 
     def _cancel_all(self) -> None:
-        """Stop every running job and give its message back, uncounted."""
+        """Stop every running job and give its message back, uncounted;
+        a give-back that fails leaves the others to go back, and is raised
+        once they did (its claim stays for recover())."""
         running, self._running = self._running, []
+        failure: Exception | None = None
         for claim, job, keeper in running:
-            job.cancel()
+            try:
+                job.cancel()
+            except Exception as e:
+                failure = failure or e
             if keeper is not None:
                 keeper.__exit__(None, None, None)
             try:
@@ -277,6 +286,10 @@ class Worker:
                 self.report.cancelled += 1
             except ClaimLostError:
                 self.report.lost += 1
+            except Exception as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
 
     def _nothing_left(self) -> bool:
         """Whether no message waits in ``delay/`` that a claim will take:
