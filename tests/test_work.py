@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import pytest
 
+from alarms import deadline
 from atomstore import Area, Claim, FileStore, Report
 from fstree import store_entries
 from tracing import Recorder
@@ -297,6 +298,85 @@ def test_a_failed_give_back_leaves_the_others_to_go_back(store: FileStore, trace
     assert contents(store, "cur") == [b"a"]
     time.sleep(1.2)  # the handlers' threads end
     assert threading.active_count() == before
+
+
+def test_a_job_that_cannot_tell_how_it_ended_has_failed(tmp_path: Path) -> None:
+    # A Job whose result() raises: its claim is released as a failure (no
+    # loop asking it again and again), and the error is in the report.
+    from atomstore._work import Worker
+
+    store = FileStore(tmp_path / "s", durable=False, max_attempts=1)
+    store.prepare()
+    store.add(b"x")
+
+    class Broken:
+        def result(self) -> bool | None:
+            raise RuntimeError("lost track")
+
+        def cancel(self) -> None:
+            pass
+
+    worker = Worker(store, lambda claim: Broken(), drain=True)
+    with deadline(10):
+        report = worker.run()
+    assert (report.done, report.failed) == (0, 1)
+    assert [type(e) for _, e in report.errors] == [RuntimeError]
+    assert contents(store, "dead") == [b"x"]
+
+
+def test_a_second_interrupt_after_an_error_of_the_runner_keeps_it(
+    store: FileStore, trace: Recorder
+) -> None:
+    # Two Ctrl-Cs after a claim failed: the running handler's message goes
+    # back, uncounted, and the interrupt is raised with the error as cause.
+    _claims_of(store, b"a", b"b")
+    trace.fail("rename", errno.EACCES, when=lambda call: _body_in_new(call) == b"b")
+    started = threading.Event()
+
+    def handler(claim: Claim) -> None:
+        started.set()
+        time.sleep(0.6)
+
+    def interrupt_twice() -> None:
+        started.wait(10)
+        for _ in range(2):
+            time.sleep(0.1)
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    threading.Thread(target=interrupt_twice).start()
+    worker = store.worker(handler, workers=2, drain=True)
+    with pytest.raises(KeyboardInterrupt) as info:
+        worker.run()
+    assert isinstance(info.value.__cause__, PermissionError)
+    assert (worker.report.done, worker.report.cancelled) == (0, 1)
+    assert contents(store, "new") == [b"a", b"b"]
+
+
+def test_a_third_interrupt_leaves_no_lease_renewed(store: FileStore) -> None:
+    # The second Ctrl-C waits for the handlers to return; a third ends the
+    # wait: their claims stay for recover(), no longer renewed.
+    _claims_of(store, b"a", b"b")
+    started = threading.Barrier(3)
+
+    def handler(claim: Claim) -> None:
+        started.wait(10)
+        time.sleep(1.0)
+
+    def interrupt_thrice() -> None:
+        started.wait(10)
+        for _ in range(3):
+            time.sleep(0.1)
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    threading.Thread(target=interrupt_thrice).start()
+    worker = store.worker(handler, workers=2, lease=1.5)
+    with pytest.raises(KeyboardInterrupt):
+        worker.run()
+    time.sleep(2.0)  # the handlers returned; the leases ran out
+    assert [t.name for t in threading.enumerate() if "keep_alive" in t.name] == []
+    assert len(store.list("cur")) == 2
+    assert len(store.recover(1.5)) == 2
+    assert contents(store, "new") == [b"a", b"b"]
 
 
 def test_a_keyboard_interrupt_stops_claiming_and_leaves_nothing_claimed(

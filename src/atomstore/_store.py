@@ -647,7 +647,8 @@ class FileStore(Areas):
         :returns: the :class:`Report` (done, failed, lost, cancelled).
         :raises KeyboardInterrupt: after the running handlers ended: the
             first Ctrl-C stops claiming and lets them finish; a second one
-            gives their messages back, uncounted, as soon as they return.
+            gives their messages back, uncounted, as soon as they return; a
+            third leaves their claims to :meth:`recover`.
         :raises OSError: an error of the runner itself (a claim or a
             recovery that failed), likewise after the running handlers
             ended and their messages were finished or released.

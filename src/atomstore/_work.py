@@ -153,7 +153,7 @@ class Worker:
             except KeyboardInterrupt:
                 interrupted = True
                 if self._cancelling.is_set():
-                    raise
+                    break
                 self.stop()
                 continue
             break
@@ -201,12 +201,12 @@ class Worker:
         except KeyboardInterrupt:
             if self._stopping.is_set():  # a second one: cancel
                 self._cancelling.set()
-                self._cancel_all()
+                self._cancel_keeping_the_error()
             raise
         except BaseException:
             # SystemExit and its kind: what still runs is stopped and given
             # back, never left claimed.
-            self._cancel_all()
+            self._cancel_keeping_the_error()
             raise
         if self._progress is not None and self._error is None:
             self._progress(self.report)
@@ -246,13 +246,17 @@ class Worker:
         running before it is settled, should settling raise)."""
         for entry in list(self._running):
             claim, job, keeper = entry
-            outcome = job.result()
+            try:
+                outcome, error = job.result(), getattr(job, "error", None)
+            except Exception as e:  # a job that cannot tell how it ended: failed
+                outcome, error = False, e
             if outcome is None:
                 continue
-            self._running.remove(entry)
-            if keeper is not None:
-                keeper.__exit__(None, None, None)
-            self._settle(claim, outcome, getattr(job, "error", None))
+            with _SignalsHeld():  # settled whole, or not at all
+                self._running.remove(entry)
+                if keeper is not None:
+                    keeper.__exit__(None, None, None)
+                self._settle(claim, outcome, error)
 
     def _settle(self, claim: Claim, succeeded: bool, error: BaseException | None) -> None:
         if error is not None:
@@ -269,27 +273,54 @@ class Worker:
             self.report.lost += 1
 
     def _cancel_all(self) -> None:
-        """Stop every running job and give its message back, uncounted;
-        a give-back that fails leaves the others to go back, and is raised
-        once they did (its claim stays for recover())."""
-        running, self._running = self._running, []
+        """Stop every running job and give its message back, uncounted.
+
+        A job that cannot be stopped keeps its claim (it may still run; the
+        claim is recover()'s once its lease ends); a give-back that fails
+        leaves its claim likewise.  Either leaves the others to go back, and
+        the first such error is raised once they did.  An interrupt while a
+        job is waited for leaves the rest claimed, their leases no longer
+        renewed.
+        """
         failure: Exception | None = None
-        for claim, job, keeper in running:
-            try:
-                job.cancel()
-            except Exception as e:
-                failure = failure or e
-            if keeper is not None:
-                keeper.__exit__(None, None, None)
-            try:
-                claim.release(count_attempt=False)
-                self.report.cancelled += 1
-            except ClaimLostError:
-                self.report.lost += 1
-            except Exception as e:
-                failure = failure or e
+        try:
+            while self._running:
+                claim, job, keeper = self._running[0]
+                try:
+                    job.cancel()  # may wait for the job to end
+                except Exception as e:
+                    failure = failure or e
+                    self._running.pop(0)
+                    if keeper is not None:
+                        keeper.__exit__(None, None, None)
+                    continue
+                with _SignalsHeld():  # given back whole, or not at all
+                    self._running.pop(0)
+                    if keeper is not None:
+                        keeper.__exit__(None, None, None)
+                    try:
+                        claim.release(count_attempt=False)
+                        self.report.cancelled += 1
+                    except ClaimLostError:
+                        self.report.lost += 1
+                    except Exception as e:
+                        failure = failure or e
+        except BaseException:
+            for _claim, _job, keeper in self._running:
+                if keeper is not None:
+                    keeper.__exit__(None, None, None)
+            raise
         if failure is not None:
             raise failure
+
+    def _cancel_keeping_the_error(self) -> None:
+        """:meth:`_cancel_all` on the way out of an interrupt or an exit,
+        which it must not replace: its error is kept as the runner's."""
+        try:
+            self._cancel_all()
+        except Exception as e:
+            if self._error is None:
+                self._error = e
 
     def _nothing_left(self) -> bool:
         """Whether no message waits in ``delay/`` that a claim will take:
