@@ -620,6 +620,25 @@ sys.exit(_cli.main(["work", "--no-sync", "-j", "2", "--drain", {store.path!r}, "
     assert store_entries(store) == [f"new/{second}"]
 
 
+def test_commands_and_handlers_start_with_no_signal_blocked(
+    store: FileStore, tmp_path: Path
+) -> None:
+    # A command started with SIGTERM blocked ignores the second stop's
+    # SIGTERM (and its children inherit that); a handler's thread likewise.
+    store.add(b"x")
+    store.add(b"y")
+    masks = tmp_path / "masks"
+    script = (
+        "import signal; blocked = signal.pthread_sigmask(signal.SIG_BLOCK, []); "
+        f"open({str(masks)!r}, 'a').write(repr(sorted(blocked)) + chr(10))"
+    )
+    proc = work(store.path, "--drain", "--", sys.executable, "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    store.add(b"z")
+    store.work(lambda claim: exec(script), drain=True)
+    assert masks.read_text().splitlines() == ["[]", "[]", "[]"]
+
+
 def test_a_command_that_cannot_start_gives_its_message_back(store: FileStore) -> None:
     store.add(b"x")
     proc = work(store.path, "--drain", "--", "/nonexistent/program")

@@ -49,9 +49,6 @@ _TICK = 0.05
 # A delayed message this long overdue is stuck (its name taken in new/): a
 # draining runner does not wait for it.
 _OVERDUE = 30.0
-# Held back while a claim is made and handed to its job: a Ctrl-C there
-# would leave the claim in nobody's hands.
-_HANDOFF_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 class Report:
@@ -125,6 +122,7 @@ class Worker:
         self._cancelling = threading.Event()
         self._running: list[tuple[Claim, Job, KeepAlive | None]] = []
         self._error: Exception | None = None
+        self._interrupted = False
         self.report = Report()
 
     def stop(self) -> None:
@@ -142,26 +140,40 @@ class Worker:
         """Run until stopped, or drained; return the report.
 
         A KeyboardInterrupt stops it as :meth:`stop` does (the running jobs
-        end, then it is raised again); a second one cancels them.  An error
-        of the runner itself (a claim or a recovery that failed, a job that
-        could not start) stops it likewise, then is raised.
+        end, then it is raised again); a second one cancels them; a third
+        stops waiting for them.  An error of the runner itself (a claim or
+        a recovery that failed, a job that could not start) stops it as a
+        first stop does, then is raised.
+
+        Run in the main thread with Python's own SIGINT handler, a Ctrl-C
+        is taken as a stop request, so that no claim is cut short in the
+        middle of being made, settled or given back (the third is raised
+        where it lands).
         """
-        interrupted = False
-        while True:
-            try:
-                self._loop()
-            except KeyboardInterrupt:
-                interrupted = True
-                if self._cancelling.is_set():
-                    break
-                self.stop()
-                continue
-            break
-        if interrupted:
+        with _CtrlCAsStop(self._on_ctrl_c):
+            interrupted = False
+            while True:
+                try:
+                    self._loop()
+                except KeyboardInterrupt:
+                    interrupted = True
+                    if self._cancelling.is_set():
+                        self._abandon()
+                        break
+                    self.stop()
+                    continue
+                break
+        if interrupted or self._interrupted:
             raise KeyboardInterrupt from self._error
         if self._error is not None:
             raise self._error
         return self.report
+
+    def _on_ctrl_c(self) -> None:
+        self._interrupted = True
+        if self._cancelling.is_set():
+            raise KeyboardInterrupt
+        self.stop()
 
     def _loop(self) -> None:
         next_recovery = time.monotonic()
@@ -199,7 +211,9 @@ class Worker:
                     if self._error is None:
                         self._error = e
         except KeyboardInterrupt:
-            if self._stopping.is_set():  # a second one: cancel
+            if self._cancelling.is_set():  # a third one: wait no longer
+                self._abandon()
+            elif self._stopping.is_set():  # a second one: cancel
                 self._cancelling.set()
                 self._cancel_keeping_the_error()
             raise
@@ -222,22 +236,22 @@ class Worker:
             # Wait for a message only when nothing runs: a running job's end
             # must be seen soon.
             wait = _TICK if self._running or started else 0.5
-            with _SignalsHeld():
-                claim = self._store.claim(wait=wait)
-                if claim is None:
-                    return started
-                keeper = None
-                try:
-                    if self._lease is not None:
-                        keeper = claim.keep_alive(self._lease / 3)
-                        keeper.__enter__()
-                    job = self._start(claim)
-                except BaseException:
-                    if keeper is not None:
-                        keeper.__exit__(None, None, None)
-                    claim.release(count_attempt=False)
-                    raise
-                self._running.append((claim, job, keeper))
+            claim = self._store.claim(wait=wait)
+            if claim is None:
+                return started
+            keeper = None
+            try:
+                if self._lease is not None:
+                    renewing = claim.keep_alive(self._lease / 3)
+                    renewing.__enter__()
+                    keeper = renewing
+                job = self._start(claim)
+            except BaseException:
+                if keeper is not None:
+                    keeper.__exit__(None, None, None)
+                claim.release(count_attempt=False)
+                raise
+            self._running.append((claim, job, keeper))
             started = True
         return started
 
@@ -252,11 +266,10 @@ class Worker:
                 outcome, error = False, e
             if outcome is None:
                 continue
-            with _SignalsHeld():  # settled whole, or not at all
-                self._running.remove(entry)
-                if keeper is not None:
-                    keeper.__exit__(None, None, None)
-                self._settle(claim, outcome, error)
+            self._running.remove(entry)
+            if keeper is not None:
+                keeper.__exit__(None, None, None)
+            self._settle(claim, outcome, error)
 
     def _settle(self, claim: Claim, succeeded: bool, error: BaseException | None) -> None:
         if error is not None:
@@ -278,40 +291,42 @@ class Worker:
         A job that cannot be stopped keeps its claim (it may still run; the
         claim is recover()'s once its lease ends); a give-back that fails
         leaves its claim likewise.  Either leaves the others to go back, and
-        the first such error is raised once they did.  An interrupt while a
-        job is waited for leaves the rest claimed, their leases no longer
-        renewed.
+        the first such error is raised once they did.
         """
         failure: Exception | None = None
-        try:
-            while self._running:
-                claim, job, keeper = self._running[0]
-                try:
-                    job.cancel()  # may wait for the job to end
-                except Exception as e:
-                    failure = failure or e
-                    self._running.pop(0)
-                    if keeper is not None:
-                        keeper.__exit__(None, None, None)
-                    continue
-                with _SignalsHeld():  # given back whole, or not at all
-                    self._running.pop(0)
-                    if keeper is not None:
-                        keeper.__exit__(None, None, None)
-                    try:
-                        claim.release(count_attempt=False)
-                        self.report.cancelled += 1
-                    except ClaimLostError:
-                        self.report.lost += 1
-                    except Exception as e:
-                        failure = failure or e
-        except BaseException:
-            for _claim, _job, keeper in self._running:
+        while self._running:
+            claim, job, keeper = self._running[0]
+            try:
+                job.cancel()  # may wait for the job to end
+            except Exception as e:
+                failure = failure or e
+                self._running.pop(0)
                 if keeper is not None:
                     keeper.__exit__(None, None, None)
-            raise
+                continue
+            except BaseException:  # a third Ctrl-C: wait no longer
+                self._abandon()
+                raise
+            self._running.pop(0)
+            if keeper is not None:
+                keeper.__exit__(None, None, None)
+            try:
+                claim.release(count_attempt=False)
+                self.report.cancelled += 1
+            except ClaimLostError:
+                self.report.lost += 1
+            except Exception as e:
+                failure = failure or e
         if failure is not None:
             raise failure
+
+    def _abandon(self) -> None:
+        """Wait no longer for the running jobs: their claims are left to
+        recover(), their leases no longer renewed."""
+        running, self._running = self._running, []
+        for _claim, _job, keeper in running:
+            if keeper is not None:
+                keeper.__exit__(None, None, None)
 
     def _cancel_keeping_the_error(self) -> None:
         """:meth:`_cancel_all` on the way out of an interrupt or an exit,
@@ -339,18 +354,26 @@ class Worker:
         return True
 
 
-class _SignalsHeld:
-    """Hold back SIGINT, SIGTERM and SIGHUP for a block (in the main thread,
-    where Python runs its handlers): they are delivered when it ends."""
+class _CtrlCAsStop:
+    """For a block in the main thread whose SIGINT handler is Python's own:
+    a Ctrl-C calls ``on_ctrl_c`` instead of raising KeyboardInterrupt where
+    it lands (``on_ctrl_c`` may raise it)."""
+
+    def __init__(self, on_ctrl_c: Callable[[], None]) -> None:
+        self._on_ctrl_c = on_ctrl_c
+        self._installed = False
 
     def __enter__(self) -> None:
-        self._mask = None
-        if threading.current_thread() is threading.main_thread():
-            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDOFF_SIGNALS)
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            signal.signal(signal.SIGINT, lambda signum, frame: self._on_ctrl_c())
+            self._installed = True
 
     def __exit__(self, *exc: object) -> None:
-        if self._mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class ThreadJob:
