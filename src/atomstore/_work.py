@@ -118,8 +118,10 @@ class Worker:
         self._lease = lease
         self._drain = drain
         self._progress = progress
-        self._stopping = threading.Event()
-        self._cancelling = threading.Event()
+        # Plain flags, not Events: set from signal handlers, which must
+        # take no lock (a handler run inside another would wait on its own).
+        self._stopping = False
+        self._cancelling = False
         self._running: list[tuple[Claim, Job, KeepAlive | None]] = []
         self._error: Exception | None = None
         self._interrupted = False
@@ -128,13 +130,13 @@ class Worker:
     def stop(self) -> None:
         """Claim nothing more; return once the running jobs ended.  A second
         call cancels them too.  Safe from signal handlers and threads."""
-        if self._stopping.is_set():
-            self._cancelling.set()
-        self._stopping.set()
+        if self._stopping:
+            self._cancelling = True
+        self._stopping = True
 
     @property
     def stopping(self) -> bool:
-        return self._stopping.is_set()
+        return self._stopping
 
     def run(self) -> Report:
         """Run until stopped, or drained; return the report.
@@ -157,7 +159,7 @@ class Worker:
                     self._loop()
                 except KeyboardInterrupt:
                     interrupted = True
-                    if self._cancelling.is_set():
+                    if self._cancelling:
                         self._abandon()
                         break
                     self.stop()
@@ -171,7 +173,7 @@ class Worker:
 
     def _on_ctrl_c(self) -> None:
         self._interrupted = True
-        if self._cancelling.is_set():
+        if self._cancelling:
             raise KeyboardInterrupt
         self.stop()
 
@@ -182,7 +184,7 @@ class Worker:
             while True:
                 try:
                     self._reap()
-                    if self._cancelling.is_set():
+                    if self._cancelling:
                         self._cancel_all()
                     if not self._claiming():
                         if not self._running:
@@ -211,10 +213,10 @@ class Worker:
                     if self._error is None:
                         self._error = e
         except KeyboardInterrupt:
-            if self._cancelling.is_set():  # a third one: wait no longer
+            if self._cancelling:  # a third one: wait no longer
                 self._abandon()
-            elif self._stopping.is_set():  # a second one: cancel
-                self._cancelling.set()
+            elif self._stopping:  # a second one: cancel
+                self._cancelling = True
                 self._cancel_keeping_the_error()
             raise
         except BaseException:
@@ -227,7 +229,7 @@ class Worker:
 
     def _claiming(self) -> bool:
         """Whether to claim more: neither stopped nor failed."""
-        return not self._stopping.is_set() and self._error is None
+        return not self._stopping and self._error is None
 
     def _fill_slots(self) -> bool:
         """Claim and start jobs while slots are free; whether any started."""
@@ -357,22 +359,30 @@ class Worker:
 class _CtrlCAsStop:
     """For a block in the main thread whose SIGINT handler is Python's own:
     a Ctrl-C calls ``on_ctrl_c`` instead of raising KeyboardInterrupt where
-    it lands (``on_ctrl_c`` may raise it)."""
+    it lands (``on_ctrl_c`` may raise it).  Outside the block the handler
+    raises as Python's does, should a Ctrl-C keep it from being restored;
+    another block takes it for Python's."""
 
     def __init__(self, on_ctrl_c: Callable[[], None]) -> None:
         self._on_ctrl_c = on_ctrl_c
-        self._installed = False
+        self._active = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self._active:
+            raise KeyboardInterrupt
+        self._on_ctrl_c()
 
     def __enter__(self) -> None:
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        current = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread() and (
+            current is signal.default_int_handler or isinstance(current, _CtrlCAsStop)
         ):
-            signal.signal(signal.SIGINT, lambda signum, frame: self._on_ctrl_c())
-            self._installed = True
+            self._active = True
+            signal.signal(signal.SIGINT, self)
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
+        if self._active:
+            self._active = False
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
