@@ -698,6 +698,10 @@ READ_RACE_ERRORS = {"glusterfs": {"ESTALE", "ENOENT"}, "juicefs": {"ENOENT", "EB
 # sshfs and SeaweedFS may give a reader on another host the file being
 # replaced half old, half new (README): counted, not refused.
 TORN_READS_SEEN = {"sshfs", "seaweedfs"}
+# SeaweedFS's link() is not exclusive across hosts (README): two hosts'
+# no-clobber writes of one name may both succeed, the later one's file
+# standing.  Counted, not refused; each file is still whole.
+CLOBBERS_SEEN = {"seaweedfs"}
 
 
 @pytest.mark.slow
@@ -719,22 +723,25 @@ def test_atomic_writes_from_two_hosts_never_clobber(
     results = run.wait(120)
 
     by_host = {host_of(key): r for key, r in results.items()}
+    clobbered: list[str] = []
     for n in range(rounds):
         for kind in ("file", "folder", "renamed"):
             name = f"{kind}-{n}"
             winners = [h for h, r in by_host.items() if r["won"][name]]
-            assert len(winners) == 1, (name, winners)  # one won, the other was told
-            [winner] = winners
-            sender = f"{winner}#0"
+            if engine in CLOBBERS_SEEN and len(winners) == 2:
+                clobbered.append(name)
+            else:
+                assert len(winners) == 1, (name, winners)  # one won, the other was told
+            senders = {(f"{winner}#0", True) for winner in winners}
             if kind == "folder":
                 parts = sorted(os.listdir(shared / name))
                 assert parts == ["a", "b"], (name, parts)
                 for part in parts:
                     data = (shared / name / part).read_bytes()
-                    assert multihost_worker.parse(data) == (sender, True), (name, part)
+                    assert multihost_worker.parse(data) in senders, (name, part)
             else:
                 data = (shared / name).read_bytes()
-                assert multihost_worker.parse(data) == (sender, True), name
+                assert multihost_worker.parse(data) in senders, name
         # A loser's rename left its source where it was.
         for h, r in by_host.items():
             if not r["won"][f"renamed-{n}"]:
@@ -753,7 +760,7 @@ def test_atomic_writes_from_two_hosts_never_clobber(
     reads = sum(r["reads"] for r in by_host.values())
     print(
         f"\n{engine}: {3 * rounds} names written from 2 hosts, one winner each {dict(wins)}; "
-        f"{reads} reads of a file being replaced, "
+        f"{len(clobbered)} won by both; {reads} reads of a file being replaced, "
         f"{sum(len(r['torn']) for r in by_host.values())} torn; "
         f"{[dict(r['failed']) for r in by_host.values()]} failed"
     )
