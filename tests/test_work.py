@@ -232,6 +232,22 @@ def _body_in_new(call: Any) -> bytes | None:
     return Path(path).read_bytes() if "/new/" in path and os.path.isfile(path) else None
 
 
+def _a_runs_while_b_is_refused(
+    store: FileStore, trace: Recorder, busy: float
+) -> tuple[threading.Event, Callable[[Claim], None]]:
+    """Messages a and b; the claim of b is refused (an error of the runner)
+    while a's handler runs ``busy`` seconds: (a's start, the handler)."""
+    _claims_of(store, b"a", b"b")
+    trace.fail("rename", errno.EACCES, when=lambda call: _body_in_new(call) == b"b")
+    started = threading.Event()
+
+    def handler(claim: Claim) -> None:
+        started.set()
+        time.sleep(busy)
+
+    return started, handler
+
+
 @pytest.mark.parametrize("how", ["stop", "interrupt"])
 def test_a_first_stop_after_an_error_of_the_runner_lets_the_jobs_finish(
     store: FileStore, trace: Recorder, how: str
@@ -239,14 +255,7 @@ def test_a_first_stop_after_an_error_of_the_runner_lets_the_jobs_finish(
     # The runner already stops as a first stop does: a stop or a Ctrl-C
     # then is that first one, not the second that cancels; a Ctrl-C is
     # raised with the runner's error as its cause.
-    _claims_of(store, b"a", b"b")
-    trace.fail("rename", errno.EACCES, when=lambda call: _body_in_new(call) == b"b")
-    started = threading.Event()
-
-    def handler(claim: Claim) -> None:
-        started.set()
-        time.sleep(1.0)
-
+    started, handler = _a_runs_while_b_is_refused(store, trace, 1.0)
     worker = store.worker(handler, workers=2, drain=True)
 
     def stop_once_running() -> None:
@@ -329,13 +338,7 @@ def test_a_second_interrupt_after_an_error_of_the_runner_keeps_it(
 ) -> None:
     # Two Ctrl-Cs after a claim failed: the running handler's message goes
     # back, uncounted, and the interrupt is raised with the error as cause.
-    _claims_of(store, b"a", b"b")
-    trace.fail("rename", errno.EACCES, when=lambda call: _body_in_new(call) == b"b")
-    started = threading.Event()
-
-    def handler(claim: Claim) -> None:
-        started.set()
-        time.sleep(0.6)
+    started, handler = _a_runs_while_b_is_refused(store, trace, 0.6)
 
     def interrupt_twice() -> None:
         started.wait(10)
