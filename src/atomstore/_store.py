@@ -126,10 +126,7 @@ def _claim_outcome(claim_path: str, source: str, settle: bool) -> bool | None:
             pass
         else:
             if claimed is not None and stat.S_ISREG(claimed.st_mode):
-                if left is None or (left.st_dev, left.st_ino) == (
-                    claimed.st_dev,
-                    claimed.st_ino,
-                ):
+                if left is None or os.path.samestat(left, claimed):
                     return True
             elif claimed is None and left is None:
                 if not settle:

@@ -153,19 +153,18 @@ class Worker:
         where it lands).
         """
         with _CtrlCAsStop(self._on_ctrl_c):
-            interrupted = False
             while True:
                 try:
                     self._loop()
                 except KeyboardInterrupt:
-                    interrupted = True
+                    self._interrupted = True
                     if self._cancelling:
                         self._abandon()
                         break
                     self.stop()
                     continue
                 break
-        if interrupted or self._interrupted:
+        if self._interrupted:
             raise KeyboardInterrupt from self._error
         if self._error is not None:
             raise self._error
@@ -298,20 +297,19 @@ class Worker:
         failure: Exception | None = None
         while self._running:
             claim, job, keeper = self._running[0]
+            stopped = True
             try:
                 job.cancel()  # may wait for the job to end
             except Exception as e:
-                failure = failure or e
-                self._running.pop(0)
-                if keeper is not None:
-                    keeper.__exit__(None, None, None)
-                continue
+                failure, stopped = failure or e, False
             except BaseException:  # a third Ctrl-C: wait no longer
                 self._abandon()
                 raise
             self._running.pop(0)
             if keeper is not None:
                 keeper.__exit__(None, None, None)
+            if not stopped:
+                continue
             try:
                 claim.release(count_attempt=False)
                 self.report.cancelled += 1
