@@ -118,6 +118,20 @@ def test_add_many_failing_midway_delivers_nothing(
     assert store_entries(store) == []
 
 
+def test_batch_publish_answered_eio_after_it_took_effect_goes_on(
+    store: FileStore, trace: Recorder
+) -> None:
+    # The file was named before the reply was lost: its name is there, the
+    # staged file itself, so the batch goes on (an unnamed file is private).
+    batch = store.batch()
+    names = [batch.add(x) for x in (b"a", b"b", b"c")]
+    trace.fail("link_fd", errno.EIO, after=True, when=lambda c: c.args[1].endswith(names[1]))
+    assert batch.commit() == names
+    assert trace.count("link_fd") == 3
+    assert store_entries(store) == [f"new/{n}" for n in names]
+    assert [Path(p).read_bytes() for p in store.list("new")] == [b"a", b"b", b"c"]
+
+
 def test_batch_publish_failure_keeps_what_was_delivered(
     store: FileStore, trace: Recorder, staging: str
 ) -> None:

@@ -154,14 +154,25 @@ class Record:
     target: int | None = None
     moved: list[tuple[int, str]] = field(default_factory=list)
     error: str | None = None
+    detail: str | None = None  # what the error said (its errno, its names)
+
+    def failed(self, e: Exception) -> Record:
+        self.error, self.detail = type(e).__name__, str(e)
+        return self
 
     def to_json(self) -> dict[str, Any]:
-        return {"op": self.op, "target": self.target, "moved": self.moved, "error": self.error}
+        return {
+            "op": self.op,
+            "target": self.target,
+            "moved": self.moved,
+            "error": self.error,
+            "detail": self.detail,
+        }
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Record:
         moved = [(int(i), str(p)) for i, p in data["moved"]]
-        return Record(data["op"], data["target"], moved, data["error"])
+        return Record(data["op"], data["target"], moved, data["error"], data.get("detail"))
 
 
 Job = Callable[[FileStore], list[Record]]
@@ -176,7 +187,7 @@ def recover_job(ids: dict[str, int], store: FileStore) -> list[Record]:
     try:
         paths = store.recover(0)
     except Exception as e:
-        return [Record("recover", error=type(e).__name__)]
+        return [Record("recover").failed(e)]
     return [Record("recover", moved=[(ident_of(ids, p), p) for p in paths])]
 
 
@@ -187,7 +198,7 @@ def release_job(ids: dict[str, int], names: list[str], store: FileStore) -> list
         try:
             path = store.claimed(name).release()
         except Exception as e:
-            record.error = type(e).__name__
+            record.failed(e)
         else:
             record.moved.append((ident_of(ids, path), path))
         records.append(record)
@@ -201,7 +212,7 @@ def finish_job(ids: dict[str, int], names: list[str], store: FileStore) -> list[
         try:
             store.claimed(name).finish()
         except Exception as e:
-            record.error = type(e).__name__
+            record.failed(e)
         records.append(record)
     return records
 
@@ -213,7 +224,7 @@ def requeue_job(ids: dict[str, int], names: list[str], store: FileStore) -> list
         try:
             path = store.requeue(name)
         except Exception as e:
-            record.error = type(e).__name__
+            record.failed(e)
         else:
             record.moved.append((ident_of(ids, path), path))
         records.append(record)
@@ -230,7 +241,7 @@ def claim_job(ids: dict[str, int], store: FileStore) -> list[Record]:
         try:
             claim.read_bytes()  # the claim is held: its file is there
         except Exception as e:
-            record.error = type(e).__name__
+            record.failed(e)
         else:
             record.moved.append((ident_of(ids, claim.name), claim.path))
         records.append(record)
@@ -433,10 +444,11 @@ def judge(
     # A recover() that raised moved some claims without saying which.  Its
     # FileExistsError says a claim stays in cur/, its name taken in new/.
     excused = any(r.op == "recover" and r.error is not None for r in records)
-    if any(r.op == "recover" and r.error == "FileExistsError" for r in records) and not any(
+    clashed = [r for r in records if r.op == "recover" and r.error == "FileExistsError"]
+    if clashed and not any(
         place.startswith("cur/") for places in found.values() for place in places
     ):
-        tally.add("wrong error", f"{where}: recover raised FileExistsError, no claim stayed")
+        tally.add("wrong error", f"{where}: no claim stayed, yet {clashed[0]}")
     for ident in sorted(ids.values()):
         places = found.get(ident, [])
         if not places and ident not in finished:

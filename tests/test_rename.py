@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -228,6 +229,129 @@ def test_link_fallback_respects_a_removal_between_link_and_unlink(
     with pytest.raises(FileNotFoundError):
         atomic.rename(tmp_path / "msg", tmp_path / "new")
     assert listing(tmp_path) == []
+
+
+def test_link_fallback_eio_for_a_source_removed_meanwhile_is_a_race_lost(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    # GlusterFS answers EIO to a link whose source another host removes
+    # meanwhile (a claim finished): the mover lost, told so as any loser.
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "msg").write_text("m")
+
+    def removed_then_eio(src: str, dst: str) -> None:
+        os.unlink(src)
+        raise OSError(errno.EIO, os.strerror(errno.EIO), src, None, dst)
+
+    trace.replace["link"] = removed_then_eio
+    with pytest.raises(FileNotFoundError) as info:
+        atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert info.value.filename == str(tmp_path / "msg")
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE, errno.ENOTCONN])
+def test_link_fallback_unknown_outcome_that_made_nothing_is_raised(
+    tmp_path: Path,
+    force_caps: Callable[..., Capabilities],
+    trace: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    code: int,
+) -> None:
+    # Neither name shows a change: tried a few times more, then raised.
+    monkeypatch.setattr(_rename, "_RELINK_PAUSES", (0.0,) * len(_rename._RELINK_PAUSES))
+    force_caps(noreplace=False, exchange=False)
+    source = str(tmp_path / "msg")
+    (tmp_path / "msg").write_text("m")
+    trace.fail("link", code, when=lambda call: call.args[0] == source, times=None)
+    with pytest.raises(OSError) as info:
+        atomic.rename(source, tmp_path / "new")
+    assert info.value.errno == code
+    assert listing(tmp_path) == ["msg"]
+    assert [c.args[0] for c in trace.named("link")] == [source] * 7
+
+
+def test_link_fallback_tries_a_link_that_made_nothing_again(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    # GlusterFS answers EIO to a link whose source another host is
+    # removing, yet shows that source a moment longer: a second link tells.
+    force_caps(noreplace=False, exchange=False)
+    source = str(tmp_path / "msg")
+    (tmp_path / "msg").write_text("m")
+    trace.fail("link", errno.EIO, when=lambda call: call.args[0] == source)
+    atomic.rename(source, tmp_path / "new")
+    assert listing(tmp_path) == ["new"]
+    assert (tmp_path / "new").read_text() == "m"
+    assert [c.args[0] for c in trace.named("link")] == [source] * 2
+
+
+def test_link_fallback_eio_after_the_link_is_not_taken_for_ours(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    # The name may be another mover's, whose unlink(src) is still to come:
+    # taking it for ours and unlinking src first would make that mover take
+    # its link back, the file's last name.  So both names stay: nothing is
+    # lost, and the mover hears it lost, as after an EEXIST of the same file.
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "msg").write_text("m")
+    trace.fail("link", errno.EIO, after=True, when=lambda c: c.args[0] == str(tmp_path / "msg"))
+    with pytest.raises(FileNotFoundError):
+        atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert listing(tmp_path) == ["msg", "new"]
+    assert os.path.samefile(tmp_path / "msg", tmp_path / "new")
+
+
+def test_link_fallback_eio_with_another_file_at_the_name_is_file_exists(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "msg").write_text("m")
+
+    def taken_then_eio(src: str, dst: str) -> None:
+        Path(dst).write_text("theirs")
+        raise OSError(errno.EIO, os.strerror(errno.EIO), src, None, dst)
+
+    trace.replace["link"] = taken_then_eio
+    with pytest.raises(FileExistsError):
+        atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert (tmp_path / "msg").read_text() == "m"
+    assert (tmp_path / "new").read_text() == "theirs"
+
+
+@pytest.mark.parametrize("took_effect", [True, False])
+@pytest.mark.parametrize("last", ["link_fd", "link"])
+def test_atomic_file_whose_last_link_answers_eio(
+    tmp_path: Path,
+    force_caps: Callable[..., Capabilities],
+    trace: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    took_effect: bool,
+    last: str,
+) -> None:
+    # The file being written is this process's alone: a name there that is
+    # that very file is its own link, made before the reply was lost.
+    # link_fd names an unnamed file (O_TMPFILE), link a hidden staging file.
+    monkeypatch.setattr(_rename, "_RELINK_PAUSES", (0.0,) * len(_rename._RELINK_PAUSES))
+    force_caps(noreplace=False, exchange=False)
+    dest = str(tmp_path / "f")
+    trace.fail(last, errno.EIO, after=took_effect, when=lambda c: c.args[1] == dest, times=None)
+    with contextlib.ExitStack() as stack:
+        if last == "link":
+            stack.enter_context(named_staging())
+        if took_effect:
+            atomic.write_text(dest, "whole")
+            assert (tmp_path / "f").read_text() == "whole"
+        else:
+            with pytest.raises(OSError) as info:
+                atomic.write_text(dest, "whole")
+            assert info.value.errno == errno.EIO
+            if last == "link_fd":  # named by the destination, not a descriptor
+                assert info.value.filename == dest
+    # Only link is tried again: the EIO it retries comes from another host
+    # removing its source, which nobody can do to an unnamed file.
+    assert trace.count(last) == (1 if took_effect or last == "link_fd" else 7)
+    assert listing(tmp_path) == (["f"] if took_effect else [])
 
 
 @pytest.mark.parametrize("durable", [True, False])

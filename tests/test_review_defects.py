@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -966,7 +967,10 @@ def test_another_users_message_in_a_sticky_store_does_not_block_the_queue(
     assert waiting == ["0-roots"]
 
 
-def test_recover_goes_on_past_an_entry_it_cannot_move(store: FileStore, trace: Recorder) -> None:
+def test_recover_goes_on_past_an_entry_it_cannot_move(
+    store: FileStore, trace: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_rename, "_RELINK_PAUSES", (0.0,) * len(_rename._RELINK_PAUSES))
     for i in range(3):
         store.add(b"%d" % i)
     claims = [store.claim() for _ in range(3)]
@@ -981,6 +985,32 @@ def test_recover_goes_on_past_an_entry_it_cannot_move(store: FileStore, trace: R
     assert info.value.errno == errno.EIO
     assert len(store.list("new")) == 2
     assert store.list("cur") == [bad.path]
+
+
+def test_recover_goes_on_past_an_entry_it_cannot_look_at(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A name listed in cur/ whose lstat answers EIO (a network filesystem):
+    # the other claims are recovered all the same, then the error raised.
+    for i in range(3):
+        store.add(b"%d" % i)
+    claims = [store.claim() for _ in range(3)]
+    time.sleep(0.002)
+    bad = sorted(c.path for c in claims if c is not None)[0]  # recovered first
+    real_lstat = os.lstat
+
+    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if os.fspath(path) == bad:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    with pytest.raises(OSError) as info:
+        store.recover(0.001)
+    monkeypatch.undo()
+    assert info.value.errno == errno.EIO
+    assert len(store.list("new")) == 2
+    assert store.list("cur") == [bad]
 
 
 def test_a_waiter_outlives_a_store_made_anew_slowly(tmp_path: Path) -> None:

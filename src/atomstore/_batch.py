@@ -109,10 +109,7 @@ class Batch:
                 continue
             temp = f"{tmp_dir}/{name}"
             entry.name(temp)  # held before it exists
-            try:
-                _syscalls.link_fd(fd, temp)
-            except OSError as e:
-                raise OSError(e.errno, e.strerror, temp) from None
+            _staging.link_unnamed(fd, temp)
             self._unnamed -= 1
             entry.close()  # named now: published by its name
 
@@ -169,10 +166,7 @@ class Batch:
             assert entry.path is not None
             _staging.publish(entry.path, target, self._store._capabilities(), False)
             return
-        try:  # never replaces anything
-            _tree.retried(lambda: _syscalls.link_fd(fd, target), target)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, target) from None
+        _staging.link_unnamed(fd, target)  # never replaces anything
 
     def _published(self, name: str, entry: _staging.Temp) -> None:
         """The first staged message is in its area: say so first, then let

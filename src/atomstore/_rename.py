@@ -23,6 +23,7 @@ import errno
 import os
 import select
 import threading
+import time
 
 from . import _log, _names, _renameat2, _syscalls, _tree
 from ._renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE
@@ -39,6 +40,29 @@ _LINK_REFUSED = frozenset(
     {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 )
 
+# The errors that leave a call's outcome unknown (a reply lost on the way, a
+# connection gone, GlusterFS's answer to a link whose source another host
+# removes meanwhile); any other is a refusal.
+UNKNOWN_OUTCOME = frozenset(
+    getattr(errno, code)
+    for code in (
+        "EIO",
+        "ETIMEDOUT",
+        "ESTALE",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "ENOTCONN",
+        "ESHUTDOWN",
+        "EREMOTEIO",
+        "ECOMM",
+        "EPROTO",
+    )
+    if hasattr(errno, code)
+)
+# The pauses before a link whose outcome was unknown, and that made nothing,
+# is tried again: GlusterFS answered EIO for 1.2 s while another host removed
+# the source.
+_RELINK_PAUSES = (0.01, 0.04, 0.1, 0.25, 0.6, 1.0)
 # A plain rename onto a name made since it was checked, as servers (and
 # rename(2): a directory onto a file is ENOTDIR) refuse it.
 _TAKEN_MEANWHILE = frozenset(
@@ -433,7 +457,8 @@ def _link_then_unlink(src: str, dst: str, durable: bool, private: bool) -> bool:
     A mover whose ``unlink(src)`` fails takes its own link back, since no
     other mover relies on it: the file lives on under the name the winner
     made, or was removed on purpose (a claim finished meanwhile stays
-    finished).
+    finished).  A link whose outcome is unknown (EIO) is judged by the names
+    it leaves, like one refused EEXIST: never taken for this mover's own.
 
     The price: a link that NFS retransmitted and answered EEXIST (nfs(5)),
     or a mover killed between its link and its unlink, leaves the file under
@@ -442,7 +467,7 @@ def _link_then_unlink(src: str, dst: str, durable: bool, private: bool) -> bool:
     name for its own.
     """
     try:
-        _syscalls.link(src, dst)
+        _link(src, dst)
     except OSError as e:
         if e.errno in _LINK_REFUSED:
             return False
@@ -484,6 +509,31 @@ def _link_then_unlink(src: str, dst: str, durable: bool, private: bool) -> bool:
             _tree.unlink_quietly(dst)
         raise
     return True
+
+
+def _link(src: str, dst: str) -> None:
+    """link(2), whose unknown outcome (EIO) is judged by the names it leaves.
+
+    A name at ``dst`` is judged as a link refused EEXIST: made by another
+    mover or by this link, never taken for this mover's own.  A source gone
+    is a race lost.  With neither, the link made nothing and is tried again
+    a few times: GlusterFS answers EIO to a link whose source another host
+    is removing, and shows the source a moment longer.
+    """
+    for pause in (*_RELINK_PAUSES, None):
+        try:
+            _syscalls.link(src, dst)
+            return
+        except OSError as e:
+            if e.errno not in UNKNOWN_OUTCOME:
+                raise
+            if os.path.lexists(dst):
+                raise _exists_error(dst) from None
+            if not os.path.lexists(src):
+                raise _missing_error(src, dst) from None
+            if pause is None:
+                raise
+        time.sleep(pause)
 
 
 def _missing_error(src: str, dst: str) -> FileNotFoundError:

@@ -398,17 +398,32 @@ def link_anonymous(staged: Temp, dest: str, durable: bool) -> None:
         settle_mode(staged)
         if durable:
             _syscalls.fsync(fd)
-        try:
-            _tree.retried(lambda: _syscalls.link_fd(fd, dest), dest)
-        except OSError as e:
-            # Named by the destination, not by the descriptor's number.
-            raise OSError(e.errno, e.strerror, dest) from None
+        link_unnamed(fd, dest)
         staged.close_fd()
     except BaseException:
         staged.discard()
         raise
     if durable:
         _tree.sync_dir(os.path.dirname(dest) or ".")
+
+
+def link_unnamed(fd: int, dest: str) -> None:
+    """Name the unnamed file open as ``fd`` ``dest``; never replaces: EEXIST.
+
+    The file is this process's alone: a link whose outcome is unknown (EIO)
+    made ``dest`` if ``dest`` is that file.  Errors name ``dest``, not the
+    descriptor's number.
+    """
+    try:
+        _tree.retried(lambda: _syscalls.link_fd(fd, dest), dest)
+    except OSError as e:
+        if e.errno in _rename.UNKNOWN_OUTCOME:
+            try:
+                if os.path.samestat(os.lstat(dest), os.fstat(fd)):
+                    return
+            except OSError:
+                pass
+        raise OSError(e.errno, e.strerror, dest) from None
 
 
 def open_exclusive(path: str, perms: int | None = None, into: Temp | None = None) -> int:

@@ -43,7 +43,7 @@ from ._args import fspath, seconds
 from ._batch import Batch
 from ._claim import READ_FLAGS, Claim, ClaimLostError, Claims, open_regular
 from ._info import escape_hostname, split_info
-from ._rename import Capabilities
+from ._rename import UNKNOWN_OUTCOME, Capabilities
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -87,24 +87,6 @@ _LEFTOVER_STUCK_EVERY = 30.0
 # a client that lost the race to another host (SeaweedFS) may show the
 # source a moment longer, until it hears of the other host's rename.
 _OUTCOME_PAUSES = (0.01, 0.04, 0.1, 0.25, 0.6)
-# The errors that leave a rename's outcome unknown (a reply lost on the way,
-# a connection gone); any other is a refusal, looked at once.
-_UNKNOWN_OUTCOME = frozenset(
-    getattr(errno, code)
-    for code in (
-        "EIO",
-        "ETIMEDOUT",
-        "ESTALE",
-        "ECONNRESET",
-        "ECONNABORTED",
-        "ENOTCONN",
-        "ESHUTDOWN",
-        "EREMOTEIO",
-        "ECOMM",
-        "EPROTO",
-    )
-    if hasattr(errno, code)
-)
 
 
 def _claim_outcome(claim_path: str, source: str, settle: bool) -> bool | None:
@@ -829,7 +811,7 @@ class FileStore(Areas):
             # planted at it).  EIO and its kind (a network filesystem whose
             # reply was lost, or that lost the race) may take a moment to
             # show.
-            won = _claim_outcome(claim_path, source, e.errno in _UNKNOWN_OUTCOME)
+            won = _claim_outcome(claim_path, source, e.errno in UNKNOWN_OUTCOME)
             if won is None:
                 raise
             if not won:
@@ -985,9 +967,6 @@ class FileStore(Areas):
                 # far ahead of this clock is a producer's, not a renewal.
                 if limit < os.lstat(source).st_mtime_ns // 1000 <= now + _CLOCK_SLACK_US:
                     continue
-            except FileNotFoundError:
-                continue  # finished or recovered meanwhile
-            try:
                 path = self._give_back(source, base, _info.attempts(fields) + 1)
             except FileNotFoundError:
                 continue  # finished or recovered meanwhile
