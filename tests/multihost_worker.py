@@ -346,6 +346,34 @@ def probe(store: FileStore, job: Spec) -> Result:
     }
 
 
+def meet(job: Spec, number: int) -> None:
+    """Wait for every host's job to reach round ``number``: a barrier of
+    flag files in ``job["barrier"]``, one directory per round."""
+    barrier = os.path.join(job["barrier"], str(number))
+    os.makedirs(barrier, exist_ok=True)
+    atomic.write_text(os.path.join(barrier, job["name"].replace("/", "_")), "", overwrite=True)
+    deadline = time.monotonic() + 60
+    while len(os.listdir(barrier)) < job["parties"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"round {number}: the other hosts did not come")
+        time.sleep(0.001)
+
+
+def unlinks(store: FileStore, job: Spec) -> Result:
+    """Remove ``f-<round>`` beside ``store`` in each round, at once with the
+    other hosts; return each round's answer ("ok" or the errno's name)."""
+    answers = []
+    for number in range(job["rounds"]):
+        meet(job, number)
+        try:
+            os.unlink(os.path.join(os.path.dirname(store.path), f"f-{number}"))
+        except OSError as e:
+            answers.append(errno.errorcode.get(e.errno or 0, str(e.errno)))
+        else:
+            answers.append("ok")
+    return {"answers": answers}
+
+
 def race(store: FileStore, job: Spec) -> Result:
     """Run one side of each round of same-operation races (``test_races``).
 
@@ -366,14 +394,7 @@ def race(store: FileStore, job: Spec) -> Result:
             os.path.join(os.path.dirname(store.path), spec["store"]),
             max_attempts=spec["max_attempts"],
         )
-        barrier = os.path.join(job["barrier"], str(number))
-        os.makedirs(barrier, exist_ok=True)
-        atomic.write_text(os.path.join(barrier, job["name"].replace("/", "_")), "", overwrite=True)
-        deadline = time.monotonic() + 60
-        while len(os.listdir(barrier)) < job["parties"]:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"round {number}: the other hosts did not come")
-            time.sleep(0.001)
+        meet(job, number)
         records = ops[spec["op"]](spec["ids"], spec["names"], target)
         rounds.append([r.to_json() for r in records])
     return {"rounds": rounds}
@@ -475,6 +496,7 @@ JOBS: dict[str, Callable[[FileStore, Spec], Result]] = {
     "add_when_ready": add_when_ready,
     "probe": probe,
     "race": race,
+    "unlinks": unlinks,
     "atomic_writes": atomic_writes,
     "bench": bench,
 }

@@ -614,6 +614,26 @@ RACE_HOSTS = engines(
 TOLD_TAKEN_WHEN_STALE = {"moosefs"}
 
 
+# GlusterFS may tell two hosts removing the same name of a file that has
+# two (a claim being moved back by link and unlink) that both removed it:
+# 1 to 3 in 600 such races, measured.  A finish() told it removed a claim
+# that a recover() moved back at that moment is counted apart: its message
+# is delivered again, never lost (README).
+UNLINK_NOT_EXCLUSIVE = {"glusterfs"}
+
+
+def overtaken_finishes(records: list[test_races.Record]) -> int:
+    """Mark each finish told ok whose message a recover moved as the loser
+    it was; return how many."""
+    recovered = {i for r in records if r.op == "recover" and r.error is None for i, _ in r.moved}
+    overtaken = 0
+    for r in records:
+        if r.op == "finish" and r.error is None and r.target in recovered:
+            r.error = test_races.LOSER_ERRORS["finish"]
+            overtaken += 1
+    return overtaken
+
+
 @dataclasses.dataclass
 class StaleTally(test_races.Tally):
     """A tally that counts a loser told FileExistsError apart."""
@@ -637,6 +657,7 @@ def test_same_operation_races_across_hosts(
     base.mkdir()
     tally = test_races.Tally()
     stale = StaleTally(tally.counts, tally.examples, tally.calls)  # shares the counts
+    overtaken = 0
     for mode, mount in (("fresh", multihost.FRESH_LISTINGS), ("stale", multihost.STALE_CACHES)):
         plan: list[tuple[str, dict[str, int]]] = []
         rounds: dict[int, list[dict[str, Any]]] = {h.index: [] for h in hosts.hosts}
@@ -668,6 +689,8 @@ def test_same_operation_races_across_hosts(
                 for result in results.values()
                 for record in result["rounds"][number]
             ]
+            if engine in UNLINK_NOT_EXCLUSIVE:
+                overtaken += overtaken_finishes(records)
             excusing = mode == "stale" and engine in TOLD_TAKEN_WHEN_STALE
             test_races.judge(
                 str(base / name), ids, records, stale if excusing else tally, f"{engine} {name}"
@@ -681,12 +704,50 @@ def test_same_operation_races_across_hosts(
     summary = f"{engine}, {count} hosts, {2 * len(RACES) * RACE_ROUNDS} rounds:\n{tally.report()}"
     if stale.told_taken:
         summary += f"\nlosers told FileExistsError with stale caches: {stale.told_taken}"
+    if overtaken:
+        summary += f"\nfinishes told ok while a recover moved the claim: {overtaken}"
     print("\n" + summary)
     assert not tally.counts, summary
     # The races took place: a release or requeue that lost was told so (a
     # recover that lost moved nothing, and a finish may always come first).
     assert tally.calls["release ClaimLostError"] > 0, summary
     assert tally.calls["requeue FileNotFoundError"] > 0, summary
+
+
+UNLINK_ROUNDS = 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("names", [1, 2])
+def test_glusterfs_removal_of_one_name_from_two_hosts(
+    cluster: Callable[..., Cluster], names: int
+) -> None:
+    # README: of two hosts removing the same name, GlusterFS tells one or
+    # both that they removed it (both: more often when the file has another
+    # name, as a claim being moved back by link and unlink has).
+    hosts = cluster(2, "glusterfs")
+    shared = hosts.store_dir("unlinks")
+    shared.mkdir()
+    for n in range(UNLINK_ROUNDS):
+        (shared / f"f-{n}").write_bytes(b"x")
+        if names == 2:
+            os.link(shared / f"f-{n}", shared / f"g-{n}")
+    job = {
+        "store": "m/unlinks/_",
+        "barrier": str(hosts.root / "barrier"),
+        "parties": 2,
+        "rounds": UNLINK_ROUNDS,
+    }
+    run = hosts.launch(
+        {h: [Job("unlinks", job)] for h in hosts.hosts}, mounts={"m": multihost.FRESH_LISTINGS}
+    )
+    run.wait_ready()
+    run.go()
+    answers = [result["answers"] for result in run.wait(120).values()]
+    rounds = collections.Counter(tuple(sorted(pair)) for pair in zip(*answers))
+    print(f"\nGlusterFS, {names} name(s), {UNLINK_ROUNDS} rounds: {dict(rounds)}")
+    assert sorted(p.name for p in shared.iterdir() if p.name.startswith("f-")) == []
+    assert set(rounds) <= {("ENOENT", "ok"), ("ok", "ok")}, rounds
 
 
 # -- atomic writes of the same names from several hosts -----------------------
