@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from atomstore import Batch, ClaimLostError, FileStore
+from atomstore import Batch, ClaimLostError, FileStore, _syscalls
 from atomstore._batch import UNNAMED_MAX
 from fstree import store_entries
 from tracing import ANONYMOUS_NAME, Recorder, named_staging
@@ -130,6 +130,43 @@ def test_batch_publish_answered_eio_after_it_took_effect_goes_on(
     assert trace.count("link_fd") == 3
     assert store_entries(store) == [f"new/{n}" for n in names]
     assert [Path(p).read_bytes() for p in store.list("new")] == [b"a", b"b", b"c"]
+
+
+def test_add_whose_link_took_effect_and_was_claimed_at_once_is_delivered(
+    store: FileStore, trace: Recorder
+) -> None:
+    # The link named the message, a consumer on another host claimed it,
+    # then the reply came back EIO: the unnamed file has a name now, so it
+    # was delivered (raising would make a retrying producer send it twice).
+    claimed = os.path.join(store.path, "cur", "taken-by-another-host")
+
+    def link_then_claimed(fd: int, dst: str) -> None:
+        _syscalls._link_fd(fd, dst)
+        os.rename(dst, claimed)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    trace.replace["link_fd"] = link_then_claimed
+    store.add(b"once")
+    assert store_entries(store) == ["cur/taken-by-another-host"]
+    assert Path(claimed).read_bytes() == b"once"
+
+
+def test_add_whose_link_answered_eio_with_another_file_there_says_it_exists(
+    store: FileStore, trace: Recorder
+) -> None:
+    target: list[str] = []
+
+    def taken_then_eio(fd: int, dst: str) -> None:
+        Path(dst).write_bytes(b"another")
+        target.append(dst)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    trace.replace["link_fd"] = taken_then_eio
+    with pytest.raises(FileExistsError) as info:
+        store.add(b"mine")
+    assert info.value.filename == target[0]
+    assert Path(target[0]).read_bytes() == b"another"
+    assert store_entries(store) == [f"new/{os.path.basename(target[0])}"]
 
 
 def test_batch_publish_failure_keeps_what_was_delivered(

@@ -250,7 +250,7 @@ def test_link_fallback_eio_for_a_source_removed_meanwhile_is_a_race_lost(
     assert listing(tmp_path) == []
 
 
-@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE, errno.ENOTCONN])
+@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT])
 def test_link_fallback_unknown_outcome_that_made_nothing_is_raised(
     tmp_path: Path,
     force_caps: Callable[..., Capabilities],
@@ -268,7 +268,68 @@ def test_link_fallback_unknown_outcome_that_made_nothing_is_raised(
         atomic.rename(source, tmp_path / "new")
     assert info.value.errno == code
     assert listing(tmp_path) == ["msg"]
-    assert [c.args[0] for c in trace.named("link")] == [source] * 7
+    # Only EIO, GlusterFS's answer, is tried again; a timeout is not sat
+    # through seven times.
+    assert [c.args[0] for c in trace.named("link")] == [source] * (7 if code == errno.EIO else 1)
+
+
+@pytest.mark.parametrize("unseen", ["source", "target"])
+@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE, errno.ENOTCONN])
+def test_link_fallback_eio_with_a_name_that_cannot_be_looked_at_is_raised(
+    tmp_path: Path,
+    force_caps: Callable[..., Capabilities],
+    trace: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    unseen: str,
+    code: int,
+) -> None:
+    # A connection dropped (sshfs -o reconnect, an NFS soft mount): the link
+    # and every look after it fail.  That proves no race lost: the link's
+    # own error is raised, never FileNotFoundError or FileExistsError.
+    force_caps(noreplace=False, exchange=False)
+    source, target = str(tmp_path / "msg"), str(tmp_path / "new")
+    (tmp_path / "msg").write_text("m")
+    trace.fail("link", errno.EIO, when=lambda call: call.args[0] == source)
+    blind = source if unseen == "source" else target
+    real_lstat = os.lstat
+
+    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if os.fspath(path) == blind:
+            raise OSError(code, os.strerror(code), path)
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    with pytest.raises(OSError) as info:
+        atomic.rename(source, target)
+    monkeypatch.undo()
+    assert type(info.value) is OSError
+    assert info.value.errno == errno.EIO
+    assert listing(tmp_path) == ["msg"]
+    assert trace.count("link") == 1
+
+
+def test_link_fallback_stops_trying_again_after_two_and_a_half_seconds(
+    tmp_path: Path, force_caps: Callable[..., Capabilities], trace: Recorder
+) -> None:
+    # Each link answering EIO only after half a second: no new try starts
+    # past the deadline, however few the pauses used.
+    force_caps(noreplace=False, exchange=False)
+    (tmp_path / "msg").write_text("m")
+    started: list[float] = []
+
+    def slow_eio(src: str, dst: str) -> None:
+        started.append(time.monotonic())
+        time.sleep(0.5)
+        raise OSError(errno.EIO, os.strerror(errno.EIO), src, None, dst)
+
+    trace.replace["link"] = slow_eio
+    begun = time.monotonic()
+    with pytest.raises(OSError) as info:
+        atomic.rename(tmp_path / "msg", tmp_path / "new")
+    assert info.value.errno == errno.EIO
+    assert len(started) >= 2
+    assert max(started) - begun <= _rename._RELINK_FOR
+    assert listing(tmp_path) == ["msg"]
 
 
 def test_link_fallback_tries_a_link_that_made_nothing_again(

@@ -1013,6 +1013,69 @@ def test_recover_goes_on_past_an_entry_it_cannot_look_at(
     assert store.list("cur") == [bad]
 
 
+def _connection_lost_at_the_link(
+    root: str, trace: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link answers EIO as the connection drops: every look under
+    ``root`` after it answers EIO too."""
+    lost = False
+    real_lstat = os.lstat
+
+    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if lost and os.fspath(path).startswith(root):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real_lstat(path, *args, **kwargs)
+
+    def link(src: str, dst: str) -> None:
+        nonlocal lost
+        lost = True
+        raise OSError(errno.EIO, os.strerror(errno.EIO), src, None, dst)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    trace.replace["link"] = link
+
+
+def test_a_release_whose_connection_drops_is_not_told_lost(
+    store: FileStore,
+    force_caps: Callable[..., Capabilities],
+    trace: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    force_caps(noreplace=False, exchange=False)
+    store.add(b"m")
+    claim = store.claim()
+    assert claim is not None
+    _connection_lost_at_the_link(store.path, trace, monkeypatch)
+    with pytest.raises(OSError) as info:
+        claim.release()
+    monkeypatch.undo()
+    assert not isinstance(info.value, ClaimLostError)
+    assert info.value.errno == errno.EIO
+    assert store.list("cur") == [claim.path]  # still held
+    del trace.replace["link"]
+    claim.release()
+    assert len(store.list("new")) == 1
+
+
+def test_a_recover_whose_connection_drops_raises(
+    store: FileStore,
+    force_caps: Callable[..., Capabilities],
+    trace: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    force_caps(noreplace=False, exchange=False)
+    store.add(b"m")
+    claim = store.claim()
+    assert claim is not None
+    time.sleep(0.002)
+    _connection_lost_at_the_link(store.path, trace, monkeypatch)
+    with pytest.raises(OSError) as info:
+        store.recover(0.001)
+    monkeypatch.undo()
+    assert info.value.errno == errno.EIO
+    assert store.list("cur") == [claim.path]
+
+
 def test_a_waiter_outlives_a_store_made_anew_slowly(tmp_path: Path) -> None:
     spool = FileStore(tmp_path / "spool", durable=False, poll_interval=0.1)
     spool.prepare()

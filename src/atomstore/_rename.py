@@ -59,9 +59,10 @@ UNKNOWN_OUTCOME = frozenset(
     )
     if hasattr(errno, code)
 )
-# The pauses before a link whose outcome was unknown, and that made nothing,
-# is tried again: GlusterFS answered EIO for 1.2 s while another host removed
-# the source.
+# How long a link answered EIO that made nothing is tried again, and the
+# pauses between: GlusterFS answered EIO for 1.2 s while another host
+# removed the source.
+_RELINK_FOR = 2.5
 _RELINK_PAUSES = (0.01, 0.04, 0.1, 0.25, 0.6, 1.0)
 # A plain rename onto a name made since it was checked, as servers (and
 # rename(2): a directory onto a file is ENOTDIR) refuse it.
@@ -476,9 +477,9 @@ def _link_then_unlink(src: str, dst: str, durable: bool, private: bool) -> bool:
         if _same_entry(src, dst):
             raise _exists_error(dst) from None
         if not _same_file(src, dst):
-            if os.path.lexists(src):
-                raise _exists_error(dst) from None
-            raise _missing_error(src, dst) from None  # moved meanwhile
+            if named(src) is False:
+                raise _missing_error(src, dst) from None  # moved meanwhile
+            raise _exists_error(dst) from None
         if not private:
             raise _missing_error(src, dst) from None  # another mover was first
     try:
@@ -516,10 +517,13 @@ def _link(src: str, dst: str) -> None:
 
     A name at ``dst`` is judged as a link refused EEXIST: made by another
     mover or by this link, never taken for this mover's own.  A source gone
-    is a race lost.  With neither, the link made nothing and is tried again
-    a few times: GlusterFS answers EIO to a link whose source another host
-    is removing, and shows the source a moment longer.
+    is a race lost.  A name that cannot be looked at proves nothing: the
+    link's error is raised.  With neither name changed, an EIO is tried
+    again for about 2 s (2.5 s at most): GlusterFS answers so to a link
+    whose source another host is removing, and shows the source a moment
+    longer.
     """
+    deadline = time.monotonic() + _RELINK_FOR
     for pause in (*_RELINK_PAUSES, None):
         try:
             _syscalls.link(src, dst)
@@ -527,13 +531,29 @@ def _link(src: str, dst: str) -> None:
         except OSError as e:
             if e.errno not in UNKNOWN_OUTCOME:
                 raise
-            if os.path.lexists(dst):
+            at_dst = named(dst)
+            at_src = named(src) if at_dst is not None else None
+            if at_dst is None or at_src is None:
+                raise  # a name that cannot be looked at proves nothing
+            if at_dst:
                 raise _exists_error(dst) from None
-            if not os.path.lexists(src):
+            if not at_src:
                 raise _missing_error(src, dst) from None
-            if pause is None:
+            if e.errno != errno.EIO or pause is None or time.monotonic() + pause > deadline:
                 raise
         time.sleep(pause)
+
+
+def named(path: str) -> bool | None:
+    """Whether ``path`` names something; None if it cannot be looked at
+    (EIO, ESTALE, a connection gone): only a missing name is an answer."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return None
+    return True
 
 
 def _missing_error(src: str, dst: str) -> FileNotFoundError:

@@ -410,20 +410,35 @@ def link_anonymous(staged: Temp, dest: str, durable: bool) -> None:
 def link_unnamed(fd: int, dest: str) -> None:
     """Name the unnamed file open as ``fd`` ``dest``; never replaces: EEXIST.
 
-    The file is this process's alone: a link whose outcome is unknown (EIO)
-    made ``dest`` if ``dest`` is that file.  Errors name ``dest``, not the
+    The file is this process's alone, so a link whose outcome is unknown
+    (EIO) made a name if the file has one now (a consumer may have taken it
+    already), or if ``dest`` is that file.  Errors name ``dest``, not the
     descriptor's number.
     """
     try:
         _tree.retried(lambda: _syscalls.link_fd(fd, dest), dest)
     except OSError as e:
         if e.errno in _rename.UNKNOWN_OUTCOME:
-            try:
-                if os.path.samestat(os.lstat(dest), os.fstat(fd)):
-                    return
-            except OSError:
-                pass
+            made = _named_by_link(fd, dest)
+            if made:
+                return
+            if made is False and _rename.named(dest):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dest) from None
         raise OSError(e.errno, e.strerror, dest) from None
+
+
+def _named_by_link(fd: int, dest: str) -> bool | None:
+    """Whether the unnamed file open as ``fd`` got a name; None if that
+    cannot be told."""
+    try:
+        mine = os.fstat(fd)
+        if mine.st_nlink:
+            return True
+        return os.path.samestat(os.lstat(dest), mine)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
 
 
 def open_exclusive(path: str, perms: int | None = None, into: Temp | None = None) -> int:
