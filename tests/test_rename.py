@@ -327,8 +327,10 @@ def test_link_fallback_stops_trying_again_after_two_and_a_half_seconds(
     with pytest.raises(OSError) as info:
         atomic.rename(tmp_path / "msg", tmp_path / "new")
     assert info.value.errno == errno.EIO
-    assert len(started) >= 2
-    assert max(started) - begun <= _rename._RELINK_FOR
+    # Seven tries with their pauses would take 5.5 s; a sleep may overrun
+    # its pause on a loaded machine, hence the margin.
+    assert 2 <= len(started) <= 5
+    assert max(started) - begun < _rename._RELINK_FOR + 0.4
     assert listing(tmp_path) == ["msg"]
 
 
