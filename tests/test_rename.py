@@ -6,7 +6,9 @@ import contextlib
 import ctypes
 import errno
 import os
+import random
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -415,6 +417,88 @@ def test_atomic_file_whose_last_link_answers_eio(
     # removing its source, which nobody can do to an unnamed file.
     assert trace.count(last) == (1 if took_effect or last == "link_fd" else 7)
     assert listing(tmp_path) == (["f"] if took_effect else [])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_movers_and_a_finisher_whose_links_answer_eio_lose_nothing(
+    tmp_path: Path,
+    force_caps: Callable[..., Capabilities],
+    trace: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    seed: int,
+) -> None:
+    # Three threads move one file to one name while a fourth may remove it
+    # (a finish), and links answer EIO at random, before or after taking
+    # effect: the file is never lost, at most one mover is told it moved
+    # the file (and then the file is there, and was not removed), and the
+    # others are told they lost, or the EIO.
+    monkeypatch.setattr(_rename, "_RELINK_PAUSES", (0.0005, 0.001, 0.002))
+    caps = force_caps(noreplace=False, exchange=False)
+    rng = random.Random(seed)
+    chance = threading.Lock()
+
+    def unsure_link(src: str, dst: str) -> None:
+        with chance:
+            fate, wait = rng.random(), rng.random() / 2000
+        if fate < 0.25:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), src, None, dst)
+        time.sleep(wait)
+        os.link(src, dst)
+        if fate < 0.5:
+            time.sleep(wait)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), src, None, dst)
+
+    trace.replace["link"] = unsure_link
+    broken: list[str] = []
+    for round_ in range(100):
+        (tmp_path / str(round_)).mkdir()
+        src, dst = str(tmp_path / str(round_) / "src"), str(tmp_path / str(round_) / "dst")
+        Path(src).write_text("m")
+        inode = os.lstat(src).st_ino
+        told: dict[str, object] = {}  # who was told what
+        with chance:
+            delays = [rng.random() / 1000 for _ in range(4)]
+
+        def move(
+            who: str, delay: float, src: str = src, dst: str = dst, told: dict[str, object] = told
+        ) -> None:
+            time.sleep(delay)
+            try:
+                _rename.rename_noreplace(src, dst, caps)
+                told[who] = "moved"
+            except OSError as e:
+                told[who] = e
+
+        def finish(delay: float, src: str = src, told: dict[str, object] = told) -> None:
+            time.sleep(delay)
+            try:
+                os.unlink(src)
+                told["finish"] = "removed"
+            except FileNotFoundError:
+                told["finish"] = "lost"
+
+        threads = [threading.Thread(target=move, args=(f"mover {i}", delays[i])) for i in range(3)]
+        if round_ % 2:
+            threads.append(threading.Thread(target=finish, args=(delays[3],)))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        names = [n for n in (src, dst) if os.path.lexists(n) and os.lstat(n).st_ino == inode]
+        movers = [who for who, answer in told.items() if answer == "moved"]
+        losers = [a for who, a in told.items() if who.startswith("mover") and a != "moved"]
+        removed = told.get("finish") == "removed"
+        if not names and not removed:
+            broken.append(f"round {round_}: lost, {told}")
+        if len(movers) > 1 or (movers and removed) or (movers and names != [dst]):
+            broken.append(f"round {round_}: {movers} moved, names {names}, {told}")
+        for answer in losers:
+            if (
+                not isinstance(answer, FileNotFoundError)
+                and getattr(answer, "errno", 0) != errno.EIO
+            ):
+                broken.append(f"round {round_}: a loser told {answer!r}")
+    assert broken == []
 
 
 @pytest.mark.parametrize("durable", [True, False])
