@@ -20,7 +20,7 @@ from atomstore import _rename, _renameat2, atomic
 from atomstore._rename import Capabilities
 from fstree import listing
 from needs import need, need_root
-from tracing import Recorder, named_staging
+from tracing import Recorder, blind_lstat, named_staging
 
 # -- rename ---------------------------------------------------------------
 
@@ -180,14 +180,7 @@ def test_link_fallback_keeps_both_names_when_the_source_cannot_be_looked_at(
     source = str(tmp_path / "msg")
     (tmp_path / "msg").write_text("m")
     trace.fail("unlink", errno.EIO, after=took_effect, when=lambda call: call.args[0] == source)
-    lstat = os.lstat
-
-    def damaged(path: str | os.PathLike[str], *args: object, **kwargs: object) -> os.stat_result:
-        if os.fspath(path) == source:
-            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-        return lstat(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "lstat", damaged)
+    blind_lstat(monkeypatch, lambda path: path == source)
     with pytest.raises(OSError) as info:
         atomic.rename(source, tmp_path / "new")
     monkeypatch.undo()
@@ -293,14 +286,7 @@ def test_link_fallback_eio_with_a_name_that_cannot_be_looked_at_is_raised(
     (tmp_path / "msg").write_text("m")
     trace.fail("link", errno.EIO, when=lambda call: call.args[0] == source)
     blind = source if unseen == "source" else target
-    real_lstat = os.lstat
-
-    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-        if os.fspath(path) == blind:
-            raise OSError(code, os.strerror(code), path)
-        return real_lstat(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "lstat", lstat)
+    blind_lstat(monkeypatch, lambda path: path == blind, code)
     with pytest.raises(OSError) as info:
         atomic.rename(source, target)
     monkeypatch.undo()
@@ -1024,14 +1010,7 @@ def test_native_rename_eexist_with_a_source_that_cannot_be_looked_at_stays_eexis
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.write_bytes(b"mine")
     dst.write_bytes(b"theirs")
-    real_lstat = os.lstat
-
-    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-        if str(path) == str(src):
-            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
-        return real_lstat(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "lstat", lstat)
+    blind_lstat(monkeypatch, lambda path: path == str(src), errno.ESTALE)
     caps = Capabilities(noreplace=True, exchange=True, hardlinks=True)
     with pytest.raises(FileExistsError):
         _rename.rename_noreplace(str(src), str(dst), caps)

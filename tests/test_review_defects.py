@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -30,7 +29,7 @@ from atomstore._rename import Capabilities
 from forked import Children, exit_code
 from fstree import listing, store_entries
 from needs import need_root
-from tracing import Recorder
+from tracing import Recorder, blind_lstat
 
 
 @pytest.fixture
@@ -773,14 +772,7 @@ def test_14_a_claim_name_that_cannot_be_looked_at_is_raised(
     # waits in cur/ for recover()); never a race lost.
     store.add(b"1")
     trace.fail("rename", errno.EIO, after=True)
-    lstat = os.lstat
-
-    def damaged(path: str | os.PathLike[str], *args: object, **kwargs: object) -> os.stat_result:
-        if "/cur/" in os.fspath(path):
-            raise OSError(code, os.strerror(code), path)
-        return lstat(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "lstat", damaged)
+    blind_lstat(monkeypatch, lambda path: "/cur/" in path, code)
     with deadline(10), pytest.raises(OSError) as info:
         store.claim(wait=0)
     monkeypatch.undo()
@@ -798,14 +790,7 @@ def test_14_a_message_that_cannot_be_looked_at_is_raised_not_retried(
     # back at every listing: claim() spun for ever.
     store.add(b"1")
     trace.fail("rename", code)
-    lstat = os.lstat
-
-    def damaged(path: str | os.PathLike[str], *args: object, **kwargs: object) -> os.stat_result:
-        if "/new/" in os.fspath(path):
-            raise OSError(code, os.strerror(code), path)
-        return lstat(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "lstat", damaged)
+    blind_lstat(monkeypatch, lambda path: "/new/" in path, code)
     started = time.monotonic()
     with deadline(10), pytest.raises(OSError) as info:
         store.claim(wait=0)
@@ -997,14 +982,7 @@ def test_recover_goes_on_past_an_entry_it_cannot_look_at(
     claims = [store.claim() for _ in range(3)]
     time.sleep(0.002)
     bad = sorted(c.path for c in claims if c is not None)[0]  # recovered first
-    real_lstat = os.lstat
-
-    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-        if os.fspath(path) == bad:
-            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-        return real_lstat(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "lstat", lstat)
+    blind_lstat(monkeypatch, lambda path: path == bad)
     with pytest.raises(OSError) as info:
         store.recover(0.001)
     monkeypatch.undo()
@@ -1019,19 +997,13 @@ def _connection_lost_at_the_link(
     """The link answers EIO as the connection drops: every look under
     ``root`` after it answers EIO too."""
     lost = False
-    real_lstat = os.lstat
-
-    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-        if lost and os.fspath(path).startswith(root):
-            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-        return real_lstat(path, *args, **kwargs)
 
     def link(src: str, dst: str) -> None:
         nonlocal lost
         lost = True
         raise OSError(errno.EIO, os.strerror(errno.EIO), src, None, dst)
 
-    monkeypatch.setattr(os, "lstat", lstat)
+    blind_lstat(monkeypatch, lambda path: lost and path.startswith(root))
     trace.replace["link"] = link
 
 

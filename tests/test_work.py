@@ -333,20 +333,26 @@ def test_a_job_that_cannot_tell_how_it_ended_has_failed(tmp_path: Path) -> None:
     assert contents(store, "dead") == [b"x"]
 
 
+def _press_ctrl_c(after: Callable[[float], object], times: int) -> None:
+    """From another thread, once ``after(10)`` returns: ``times`` Ctrl-Cs to
+    the main thread, 0.1 s apart."""
+
+    def press() -> None:
+        after(10)
+        for _ in range(times):
+            time.sleep(0.1)
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    threading.Thread(target=press).start()
+
+
 def test_a_second_interrupt_after_an_error_of_the_runner_keeps_it(
     store: FileStore, trace: Recorder
 ) -> None:
     # Two Ctrl-Cs after a claim failed: the running handler's message goes
     # back, uncounted, and the interrupt is raised with the error as cause.
     started, handler = _a_runs_while_b_is_refused(store, trace, 0.6)
-
-    def interrupt_twice() -> None:
-        started.wait(10)
-        for _ in range(2):
-            time.sleep(0.1)
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
-
-    threading.Thread(target=interrupt_twice).start()
+    _press_ctrl_c(started.wait, 2)
     worker = store.worker(handler, workers=2, drain=True)
     with pytest.raises(KeyboardInterrupt) as info:
         worker.run()
@@ -365,13 +371,7 @@ def test_a_third_interrupt_leaves_no_lease_renewed(store: FileStore) -> None:
         started.wait(10)
         time.sleep(1.0)
 
-    def interrupt_thrice() -> None:
-        started.wait(10)
-        for _ in range(3):
-            time.sleep(0.1)
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
-
-    threading.Thread(target=interrupt_thrice).start()
+    _press_ctrl_c(started.wait, 3)
     worker = store.worker(handler, workers=2, lease=1.5)
     with pytest.raises(KeyboardInterrupt):
         worker.run()

@@ -7,9 +7,12 @@ import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from atomstore import _staging, _syscalls
+
+if TYPE_CHECKING:
+    import pytest
 
 # open(2) with O_TMPFILE makes an unnamed file in the directory it names.
 ANONYMOUS = getattr(os, "O_TMPFILE", -1)
@@ -142,3 +145,19 @@ def named_staging() -> Iterator[None]:
         yield
     finally:
         _staging._O_TMPFILE = previous
+
+
+def blind_lstat(
+    monkeypatch: pytest.MonkeyPatch, blind: Callable[[str], bool], code: int = errno.EIO
+) -> None:
+    """Make ``os.lstat`` fail with ``code`` for every path ``blind`` takes
+    (a damaged inode, a half-dead mount).  Looks are not boundary calls:
+    ``os`` itself is patched, until ``monkeypatch.undo()``."""
+    real = os.lstat
+
+    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if blind(os.fspath(path)):
+            raise OSError(code, os.strerror(code), path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", lstat)

@@ -491,11 +491,10 @@ def _link_then_unlink(src: str, dst: str, durable: bool, private: bool) -> bool:
             # An unknown outcome (EIO): looked at.  A source that cannot be
             # looked at either may be gone: the file keeps both names, and
             # the caller hears the error.
-            try:
-                os.lstat(src)
-            except (FileNotFoundError, NotADirectoryError):
+            source = named(src)
+            if source is False:
                 return True  # src is gone: moved
-            except OSError:
+            if source is None:
                 raise e from None
         _tree.unlink_quietly(dst)
         if e.errno == errno.ENOENT:

@@ -419,26 +419,15 @@ def link_unnamed(fd: int, dest: str) -> None:
         _tree.retried(lambda: _syscalls.link_fd(fd, dest), dest)
     except OSError as e:
         if e.errno in _rename.UNKNOWN_OUTCOME:
-            made = _named_by_link(fd, dest)
-            if made:
-                return
-            if made is False and _rename.named(dest):
+            try:
+                mine = os.fstat(fd)
+                if mine.st_nlink or os.path.samestat(os.lstat(dest), mine):
+                    return
+            except OSError:
+                pass  # nothing at dest, or nothing can be told
+            else:
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dest) from None
         raise OSError(e.errno, e.strerror, dest) from None
-
-
-def _named_by_link(fd: int, dest: str) -> bool | None:
-    """Whether the unnamed file open as ``fd`` got a name; None if that
-    cannot be told."""
-    try:
-        mine = os.fstat(fd)
-        if mine.st_nlink:
-            return True
-        return os.path.samestat(os.lstat(dest), mine)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return None
 
 
 def open_exclusive(path: str, perms: int | None = None, into: Temp | None = None) -> int:
